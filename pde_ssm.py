@@ -1,0 +1,438 @@
+"""PDE-SSM: spatial mixing by a learnable convection-diffusion-reaction PDE.
+
+Gal, Eliasof, Rout, Haber, "PDE-SSM: A Spectral State Space Approach to Spatial
+Mixing in Diffusion Transformers". On the H x W token grid (unit spacing,
+periodic boundary) a state h evolves by
+
+    dh/dt = div(K grad h) + b . grad h + r h                          (Eq. 2)
+
+and is solved exactly in the Fourier domain (Eq. 7-10):
+
+    h(tau) = IFFT[ exp(tau * lambda(k)) * FFT h(0) ],
+    lambda(k) = -k^T K k + r + i b.k,
+
+with k = (k_x, k_y), k_x = 2 pi fftfreq(W) along the width (last) axis and
+k_y = 2 pi fftfreq(H) along the height axis. Vectors are ordered (x, y). So pure
+convection with tau * b = (1, 0) moves content by one token towards -x:
+h(y, x) = h0(y, x + 1), i.e. torch.roll(h0, -1, dims=-1).
+
+This file is the specification of the operator:
+  - `pde_symbol`, `apply_symbol`, `pde_evolve`, `pde_kernel`: the functional core;
+  - `PDESSM`: the module of the paper's Algorithm 1 (projection R, embedding
+    B_gamma of Eq. 6, evolution with zeta = (K, b, r, tau), output projection).
+
+Channel coupling (section 2.2): "diagonal" gives every channel its own scalar
+PDE; "pairwise" gives every (output, input) channel pair its own scalar Green's
+function and sums over input channels like a multi-channel convolution;
+"grouped" (the module's "heads") is pairwise inside channel groups and
+block-diagonal across them.
+
+Real inputs use rfft2/irfft2. The result equals the real part of the complex
+IFFT in the contract above (at the Nyquist frequencies of even grid sides the
+symbol acts through its Hermitian part, as a real output requires).
+"""
+import argparse
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Budget of complex symbol entries the pairwise path materializes at once
+# (groups x C_out x C_in x frequencies of one chunk). Memory stays
+# O(B N C + C^2 + budget) instead of O(N C^2), forward and backward.
+PAIRWISE_CHUNK_ELEMENTS = 1 << 24
+
+TERMS = ("diffusion", "convection", "reaction")
+COUPLINGS = ("pairwise", "diagonal", "heads")
+
+
+#################################################################################
+#                    Wavenumbers and the symbol (Eq. 7-10)                      #
+#################################################################################
+
+def wavenumbers(grid_size, device=None, dtype=torch.float32):
+    """Angular wavenumbers of the rfft2 grid of an (H, W) field.
+
+    Returns k_x of shape (1, W // 2 + 1) = 2 pi rfftfreq(W) (width, last axis)
+    and k_y of shape (H, 1) = 2 pi fftfreq(H) (height axis).
+    """
+    H, W = grid_size
+    kx = 2 * math.pi * torch.fft.rfftfreq(W, device=device, dtype=dtype)
+    ky = 2 * math.pi * torch.fft.fftfreq(H, device=device, dtype=dtype)
+    return kx[None, :], ky[:, None]
+
+
+def exponent_coefficients(K, b, r, tau):
+    """Coefficients of tau * lambda(k) as linear forms in the wavenumbers.
+
+    tau * lambda(k) = A_re . (k_x^2, k_x k_y, k_y^2, 1) + i A_im . (k_x, k_y), with
+    A_re = tau (-K_xx, -2 K_xy, -K_yy, r) and A_im = tau (b_x, b_y)     (Eq. 8, 10).
+    K (*P, 2, 2), b (*P, 2), r (*P), tau (*P) -> A_re (*P, 4), A_im (*P, 2).
+    Only the products tau K, tau b, tau r enter the symbol.
+    """
+    a_re = torch.stack([-K[..., 0, 0], -2 * K[..., 0, 1], -K[..., 1, 1], r], dim=-1)
+    return tau[..., None] * a_re, tau[..., None] * b
+
+
+def pde_symbol(K, b, r, tau, grid_size):
+    """Green's function symbol G(k) = exp(tau (-k^T K k + r + i b.k))      (Eq. 10).
+
+    K (*P, 2, 2), b (*P, 2), r (*P), tau (*P) -> complex (*P, H, W // 2 + 1) on the
+    rfft2 grid of grid_size = (H, W).
+    """
+    kx, ky = wavenumbers(grid_size, K.device, K.dtype)
+    a_re, a_im = exponent_coefficients(K, b, r, tau)
+    a_re, a_im = a_re[..., None, None, :], a_im[..., None, None, :]
+    re = a_re[..., 0] * kx ** 2 + a_re[..., 1] * kx * ky + a_re[..., 2] * ky ** 2 + a_re[..., 3]
+    im = a_im[..., 0] * kx + a_im[..., 1] * ky
+    return torch.polar(torch.exp(re), im)
+
+
+def _frequency_features(grid_size, device, dtype):
+    """(F, 4) and (F, 2) wavenumber features matching `exponent_coefficients`."""
+    kx, ky = wavenumbers(grid_size, device, dtype)
+    kx, ky = torch.broadcast_tensors(kx, ky)
+    kx, ky = kx.reshape(-1), ky.reshape(-1)
+    phi_re = torch.stack([kx * kx, kx * ky, ky * ky, torch.ones_like(kx)], dim=-1)
+    return phi_re, torch.stack([kx, ky], dim=-1)
+
+
+class _GroupedSpectralProduct(torch.autograd.Function):
+    """Y[g, f, i, b] = sum_j G[g, f, i, j] X[g, f, j, b], G = exp(phi_re A_re + i phi_im A_im).
+
+    The symbol is generated chunk by chunk over frequencies f in the forward and
+    regenerated in the backward, so the (groups, F, C_out, C_in) tensor is never
+    held whole. Gradients follow PyTorch's conjugate-Wirtinger convention:
+    dX = G^H dY, dG = dY X^H, and for E = log G, dE = dG * conj(G), so
+    dA_re = Re(dE) phi_re and dA_im = Im(dE) phi_im (summed over f).
+    """
+
+    @staticmethod
+    def forward(ctx, x, a_re, a_im, phi_re, phi_im, chunk):
+        ctx.save_for_backward(x, a_re, a_im, phi_re, phi_im)
+        ctx.chunk = chunk
+        out = []
+        for f0 in range(0, x.shape[1], chunk):
+            sym = _chunk_symbol(a_re, a_im, phi_re[f0:f0 + chunk], phi_im[f0:f0 + chunk])
+            out.append(sym @ x[:, f0:f0 + chunk])
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, a_re, a_im, phi_re, phi_im = ctx.saved_tensors
+        grad_x, grad_re, grad_im = [], torch.zeros_like(a_re), torch.zeros_like(a_im)
+        for f0 in range(0, x.shape[1], ctx.chunk):
+            sl = slice(f0, f0 + ctx.chunk)
+            sym = _chunk_symbol(a_re, a_im, phi_re[sl], phi_im[sl])
+            g = grad_out[:, sl]
+            grad_x.append(sym.conj().transpose(-1, -2) @ g)
+            grad_e = (g @ x[:, sl].conj().transpose(-1, -2)) * sym.conj()
+            grad_re += torch.einsum("gfij,fk->gijk", grad_e.real, phi_re[sl])
+            grad_im += torch.einsum("gfij,fk->gijk", grad_e.imag, phi_im[sl])
+        return torch.cat(grad_x, dim=1), grad_re, grad_im, None, None, None
+
+
+def _chunk_symbol(a_re, a_im, phi_re, phi_im):
+    """(G, Co, Ci, 4), (G, Co, Ci, 2), (Fc, 4), (Fc, 2) -> complex (G, Fc, Co, Ci)."""
+    re = torch.einsum("fk,gijk->gfij", phi_re, a_re)
+    im = torch.einsum("fk,gijk->gfij", phi_im, a_im)
+    return torch.polar(torch.exp(re), im)
+
+
+def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=PAIRWISE_CHUNK_ELEMENTS):
+    """Multiply an rfft2 spectrum by the PDE-SSM symbol (Eq. 9), any coupling.
+
+    h_hat: complex (B, C, H, W // 2 + 1), the rfft2 of a real (B, C, H, W) field.
+    Coupling is chosen by K's rank (parameters already validated):
+      diagonal  K (C, 2, 2),            b (C, 2),            r, tau (C,)
+      pairwise  K (Co, C, 2, 2),        b (Co, C, 2),        r, tau (Co, C)
+      grouped   K (G, Co/G, C/G, 2, 2), b (G, Co/G, C/G, 2), r, tau (G, Co/G, C/G)
+    Returns (B, C or Co, H, W // 2 + 1): out_i(k) = sum_j G_ij(k) h_j(k).
+    """
+    if K.dim() == 3:
+        return pde_symbol(K, b, r, tau, grid_size) * h_hat
+    if K.dim() == 4:
+        K, b, r, tau = K[None], b[None], r[None], tau[None]
+    groups, c_out, c_in = K.shape[:3]
+    B, _, H, Wr = h_hat.shape
+    a_re, a_im = exponent_coefficients(K, b, r, tau)
+    phi_re, phi_im = _frequency_features(grid_size, K.device, K.dtype)
+    # (B, G*Ci, H, Wr) -> (G, F, Ci, B): one small matrix product per frequency.
+    x = h_hat.reshape(B, groups, c_in, H * Wr).permute(1, 3, 2, 0)
+    chunk = max(1, chunk_elements // (groups * c_out * c_in))
+    y = _GroupedSpectralProduct.apply(x.contiguous(), a_re, a_im, phi_re, phi_im, chunk)
+    return y.permute(3, 0, 2, 1).reshape(B, groups * c_out, H, Wr)
+
+
+#################################################################################
+#                        The functional operator                                #
+#################################################################################
+
+def _shape_error(name, tensor, expected):
+    return ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {expected}")
+
+
+def _check_parameters(h0, K, b, r, tau):
+    """Validate shapes and values; return tau broadcast to r's shape."""
+    for name, value in (("K", K), ("b", b), ("r", r)):
+        if not torch.is_tensor(value):
+            raise ValueError(f"{name} must be a tensor; got {type(value).__name__}")
+    if not torch.is_tensor(h0) or h0.dim() != 4 or not h0.is_floating_point():
+        shape = tuple(h0.shape) if torch.is_tensor(h0) else type(h0).__name__
+        raise ValueError(f"h0 must be a real floating tensor of shape (B, C, H, W); got {shape}")
+    C = h0.shape[1]
+    if K.dim() == 3:
+        pairs = (C,)
+        layout = "diagonal: K (C, 2, 2)"
+    elif K.dim() == 4:
+        pairs = (K.shape[0], C)
+        layout = "pairwise: K (C_out, C_in, 2, 2)"
+    elif K.dim() == 5:
+        groups = K.shape[0]
+        if C % groups:
+            raise ValueError(f"K has {groups} groups, which do not divide the {C} channels of h0")
+        pairs = (groups, K.shape[1], C // groups)
+        layout = "grouped: K (G, C_out/G, C_in/G, 2, 2)"
+    else:
+        raise _shape_error("K", K, "(C, 2, 2) diagonal, (C_out, C_in, 2, 2) pairwise or "
+                                   "(G, C_out/G, C_in/G, 2, 2) grouped")
+    expected = {"K": pairs + (2, 2), "b": pairs + (2,), "r": pairs}
+    for name, value in (("K", K), ("b", b), ("r", r)):
+        if tuple(value.shape) != expected[name]:
+            raise _shape_error(name, value, f"{expected[name]} for {layout} and h0 with {C} channels")
+    tau = torch.as_tensor(tau, dtype=K.dtype, device=K.device)
+    if tau.dim() != 0 and tuple(tau.shape) != pairs:
+        raise _shape_error("tau", tau, f"a scalar or {pairs} for {layout}")
+    tau = tau.expand(pairs)
+    if torch.compiler.is_compiling():
+        return tau
+    for name, value in (("K", K), ("b", b), ("r", r), ("tau", tau)):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    scale = K.abs().amax().item() + 1.0
+    tol = 1e-6 * scale if K.dtype == torch.float64 else 1e-4 * scale
+    if not torch.allclose(K[..., 0, 1], K[..., 1, 0], atol=tol, rtol=0):
+        raise ValueError("K must be symmetric ([[Kxx, Kxy], [Kxy, Kyy]]); K[..., 0, 1] != K[..., 1, 0]")
+    det = K[..., 0, 0] * K[..., 1, 1] - K[..., 0, 1] * K[..., 1, 0]
+    if (K[..., 0, 0] < -tol).any() or (K[..., 1, 1] < -tol).any() or (det < -tol * scale).any():
+        raise ValueError("K must be positive semidefinite (Kxx >= 0, Kyy >= 0, Kxx Kyy - Kxy^2 >= 0): "
+                         "a negative diffusion makes the evolution unstable")
+    if (tau < 0).any():
+        raise ValueError("tau must be >= 0 (the evolution runs forward in time)")
+    return tau
+
+
+def _float32_fft_dtype(x):
+    """FFTs run in float32 (float64 stays float64) whatever the autocast dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def pde_evolve(h0, K, b, r, tau, chunk_elements=PAIRWISE_CHUNK_ELEMENTS):
+    """Evolve h0 by Eq. 2 for time tau: h(tau) = IFFT[exp(tau lambda(k)) FFT h0] (Eq. 9).
+
+    h0: real (B, C, H, W), any H and W, periodic boundary, unit grid spacing.
+    Coupling is chosen by K's rank:
+      diagonal (depthwise):  K (C, 2, 2) symmetric PSD [[Kxx, Kxy], [Kxy, Kyy]],
+                             b (C, 2) = (b_x, b_y), r (C,), tau (C,) or scalar
+                             -> (B, C, H, W)
+      pairwise (section 2.2): K (C_out, C_in, 2, 2), b (C_out, C_in, 2),
+                             r (C_out, C_in), tau (C_out, C_in) or scalar
+                             -> (B, C_out, H, W), out_i = sum_j G_ij * h0_j
+      grouped (heads):       K (G, C_out/G, C_in/G, 2, 2) etc.: pairwise inside
+                             G channel groups, block-diagonal across them.
+    Differentiable in h0, K, b, r and tau. Raises ValueError on wrong shapes, a K
+    that is not symmetric PSD, tau < 0 or non-finite parameters.
+    """
+    tau = _check_parameters(h0, K, b, r, tau)
+    grid_size = h0.shape[-2:]
+    with torch.autocast(h0.device.type, enabled=False):
+        dtype = _float32_fft_dtype(h0)
+        params = [p.to(dtype) for p in (K, b, r, tau)]
+        h_hat = torch.fft.rfft2(h0.to(dtype))
+        out = apply_symbol(h_hat, *params, grid_size, chunk_elements)
+        return torch.fft.irfft2(out, s=grid_size).to(h0.dtype)
+
+
+def pde_kernel(K, b, r, tau, grid_size, centered=True):
+    """Spatial Green's function on a grid: the inverse FFT of the symbol (Eq. 5, 10).
+
+    K (*P, 2, 2), b (*P, 2), r (*P), tau (*P) or scalar -> real (*P, H, W) with
+    pde_evolve(h0) equal to the circular convolution of h0 with this kernel (for a
+    pairwise coupling, kernel [i, j] maps input channel j to output channel i).
+    centered=True rolls the origin to the middle (H // 2, W // 2) for display.
+    """
+    tau = torch.as_tensor(tau, dtype=K.dtype, device=K.device).expand(r.shape)
+    kernel = torch.fft.irfft2(pde_symbol(K, b, r, tau, grid_size), s=tuple(grid_size))
+    if centered:
+        kernel = torch.roll(kernel, (grid_size[0] // 2, grid_size[1] // 2), dims=(-2, -1))
+    return kernel
+
+
+#################################################################################
+#                    The PDE-SSM module (Algorithm 1)                           #
+#################################################################################
+
+def diffusion_from_cholesky(chol):
+    """K = L L^T from L = [[exp(l_0), 0], [l_1, exp(l_2)]]: symmetric positive definite
+    whatever the optimizer does. chol (*P, 3) -> K (*P, 2, 2)."""
+    l00, l10, l11 = chol[..., 0].exp(), chol[..., 1], chol[..., 2].exp()
+    kxx, kxy, kyy = l00 * l00, l00 * l10, l10 * l10 + l11 * l11
+    return torch.stack([torch.stack([kxx, kxy], -1), torch.stack([kxy, kyy], -1)], -2)
+
+
+class PDESSM(nn.Module):
+    """PDE-SSM spatial mixer (paper Algorithm 1), a drop-in for self-attention.
+
+    x (B, N, dim) tokens in row-major order of grid_size = (H, W) -> (B, N, dim):
+      1. u' = R u: 1x1 channel projection to hidden_dim = C channels (Eq. 6).
+      2. v = B_gamma u' = (Gamma_0 + Gamma_x d/dx + Gamma_y d/dy) u', C x C
+         matrices, derivatives spectral (i k_x, i k_y) (Eq. 6; Alg. 1 step 1).
+         Gamma_* R are folded into one real-space projection dim -> 3C, so in
+         frequency space only elementwise factors i k_x, i k_y remain.
+      3. h = G_zeta * v with zeta = (K, b, r, tau) (Eq. 9-10; Alg. 1 step 2),
+         coupling "pairwise" (paper default: one Green's function per channel
+         pair), "diagonal" (per channel) or "heads" (pairwise inside num_heads
+         channel groups, block-diagonal across them).
+      4. Output projection C -> dim.
+
+    Parametrization (stability, section 2.2): K = L L^T with L lower triangular
+    with exp-positive diagonal (symmetric PD), tau = exp(log_tau) > 0.
+    Initialization: each channel (pair) gets an anisotropic Gaussian receptive
+    field whose width sigma = sqrt(2 tau K) is spread log-uniformly over
+    `sigma_range` tokens (from local to global), with a random orientation and
+    axis ratio in [1/4, 1]; a small random shift tau b ~ N(0, 0.5^2) tokens; and a
+    gain exp(tau r) = 1 / sqrt(C_in) per pair, so a sum over C_in inputs keeps the
+    variance (1 for the diagonal coupling). Gamma_0 = I, Gamma_x, Gamma_y small.
+    `terms` keeps a subset of ("diffusion", "convection", "reaction"); a removed
+    term is zero and frozen (a buffer, not a parameter): the ablation of Table 7.
+    """
+
+    def __init__(self, dim, hidden_dim=None, coupling="pairwise", num_heads=1, terms=TERMS,
+                 sigma_range=(0.5, 8.0)):
+        super().__init__()
+        if coupling not in COUPLINGS:
+            raise ValueError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
+        unknown = set(terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown PDE terms {sorted(unknown)}; choose from {TERMS}")
+        C = hidden_dim or dim
+        heads = num_heads if coupling == "heads" else 1
+        if C % heads:
+            raise ValueError(f"hidden_dim {C} is not divisible by num_heads {heads}")
+        self.dim, self.hidden_dim, self.coupling, self.num_heads = dim, C, coupling, heads
+        self.terms = tuple(t for t in TERMS if t in terms)
+        if coupling == "diagonal":
+            pairs, fan_in = (C,), 1
+        else:
+            pairs, fan_in = (heads, C // heads, C // heads), C // heads
+
+        self.R = nn.Linear(dim, C)
+        self.gamma_0 = nn.Parameter(torch.eye(C))
+        self.gamma_x = nn.Parameter(torch.randn(C, C) * 0.02 / math.sqrt(C))
+        self.gamma_y = nn.Parameter(torch.randn(C, C) * 0.02 / math.sqrt(C))
+        self.proj = nn.Linear(C, dim)
+
+        n = math.prod(pairs)
+        log_sigma = torch.empty(n).uniform_(math.log(sigma_range[0]), math.log(sigma_range[1]))
+        ratio = torch.empty(n).uniform_(0.25, 1.0)
+        angle = torch.empty(n).uniform_(0, math.pi)
+        d1 = 0.5 * torch.exp(2 * log_sigma)              # principal diffusivities at tau = 1
+        d2 = d1 * ratio
+        c, s = angle.cos(), angle.sin()
+        K = torch.stack([torch.stack([d1 * c * c + d2 * s * s, (d1 - d2) * c * s], -1),
+                         torch.stack([(d1 - d2) * c * s, d1 * s * s + d2 * c * c], -1)], -2)
+        L = torch.linalg.cholesky(K)
+        chol = torch.stack([L[:, 0, 0].log(), L[:, 1, 0], L[:, 1, 1].log()], -1).reshape(pairs + (3,))
+        self._term("diffusion", "chol", chol, None)
+        self._term("convection", "b", 0.5 * torch.randn(pairs + (2,)), torch.zeros(pairs + (2,)))
+        self._term("reaction", "r", torch.full(pairs, -0.5 * math.log(fan_in)), torch.zeros(pairs))
+        self.log_tau = nn.Parameter(torch.zeros(pairs))
+
+    def _term(self, term, name, init, off):
+        """A PDE term is a parameter when kept, a frozen buffer ("off") when removed."""
+        if term in self.terms:
+            setattr(self, name, nn.Parameter(init))
+        elif off is not None:
+            self.register_buffer(name, off)
+
+    def pde_parameters(self):
+        """zeta = (K, b, r, tau) in the layout `apply_symbol` takes for this coupling."""
+        tau = self.log_tau.exp()
+        if "diffusion" in self.terms:
+            K = diffusion_from_cholesky(self.chol)
+        else:
+            K = tau.new_zeros(tau.shape + (2, 2))
+        return K, self.b, self.r, tau
+
+    def forward(self, x, grid_size):
+        B, N, D = x.shape
+        H, W = grid_size
+        if N != H * W or D != self.dim:
+            raise ValueError(f"PDESSM got x of shape {tuple(x.shape)}; expected (B, {H * W}, {self.dim}) "
+                             f"for grid_size {(H, W)} and dim {self.dim}")
+        C = self.hidden_dim
+        gammas = torch.cat([self.gamma_0, self.gamma_x, self.gamma_y], dim=0)  # (3C, C)
+        weight, bias = gammas @ self.R.weight, gammas @ self.R.bias
+        u = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))                  # (B, N, 3C)
+        u = u.transpose(1, 2).reshape(B, 3 * C, H, W)
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = _float32_fft_dtype(u)
+            u_hat = torch.fft.rfft2(u.to(dtype))
+            kx, ky = wavenumbers((H, W), x.device, dtype)
+            v_hat = u_hat[:, :C] + 1j * (kx * u_hat[:, C:2 * C] + ky * u_hat[:, 2 * C:])
+            h_hat = apply_symbol(v_hat, *(p.to(dtype) for p in self.pde_parameters()), (H, W))
+            h = torch.fft.irfft2(h_hat, s=(H, W))
+        h = h.to(x.dtype).reshape(B, C, N).transpose(1, 2)
+        return self.proj(h)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, hidden_dim={self.hidden_dim}, coupling={self.coupling!r}, "
+                f"num_heads={self.num_heads}, terms={self.terms}")
+
+
+#################################################################################
+#                          Figure 1: a row of kernels                           #
+#################################################################################
+
+def plot_kernels(path, size=33):
+    """Draw kernels like the paper's Figure 1: localized, anisotropic diffusion,
+    convection shift, and all terms combined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def K(kxx, kxy, kyy):
+        return torch.tensor([[kxx, kxy], [kxy, kyy]], dtype=torch.float64)
+
+    panels = [
+        ("localized", K(0.6, 0.0, 0.6), (0.0, 0.0), 0.0),
+        ("anisotropic diffusion", K(6.0, 3.5, 2.5), (0.0, 0.0), 0.0),
+        ("convection (shift)", K(0.6, 0.0, 0.6), (-6.0, 4.0), 0.0),
+        ("combined", K(4.0, -2.0, 1.5), (5.0, 3.0), -0.2),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (title, k, b, r) in zip(axes, panels):
+        kernel = pde_kernel(k, torch.tensor(b, dtype=torch.float64), torch.tensor(r, dtype=torch.float64),
+                            1.0, (size, size))
+        ax.imshow(kernel.numpy(), cmap="magma", extent=(-(size // 2) - .5, size // 2 + .5,
+                                                        size // 2 + .5, -(size // 2) - .5))
+        ax.set_title(f"{title}\nb=({b[0]:g}, {b[1]:g}), r={r:g}", fontsize=9)
+        ax.set_xlabel("x (tokens)")
+    axes[0].set_ylabel("y (tokens)")
+    fig.suptitle("PDE-SSM Green's functions G = IFFT exp(tau lambda(k)), tau = 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args):
+    plot_kernels(args.plot_kernels)
+    print(f"wrote {args.plot_kernels}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="PDE-SSM operator utilities.")
+    parser.add_argument("--plot-kernels", type=str, default="kernels.png",
+                        help="write a PNG row of example Green's functions (paper Figure 1) here")
+    main(parser.parse_args())
