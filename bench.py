@@ -1,0 +1,346 @@
+"""Timing benchmarks: PDE-SSM against attention, side by side, in one run.
+
+    python bench.py table5     # paper Table 5: DiT-S training step, 32/64 px, patch 2/4/8
+    python bench.py table8     # paper Table 8: XL forward at 256 px, patch 8/4/2, batch 4
+    python bench.py table9     # paper Table 9: S/B/L/XL forward at 256 px, patch 2, batch 4
+    python bench.py scaling    # training step and peak memory against token count
+    python bench.py mixer      # the mixer alone: forward + backward over grid sizes
+
+Every table puts side by side: attention through SDPA (flash where available),
+attention written out as softmax(QK^T)V (naive), and PDE-SSM with each coupling.
+
+Every cell is measured in the same process: warm-up first, then the median of
+repeats, with CUDA synchronization (events) on GPU and bf16 autocast there.
+An out-of-memory cell is reported as OOM, not a crash. Results go to stdout as a
+Markdown table and to --out-dir as JSON and a PNG plot.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import flow
+from models import Attention, build_model
+from pde_ssm import PDESSM
+
+
+#################################################################################
+#                               Measurement                                     #
+#################################################################################
+
+def measure(step, device, warmup=3, repeats=10, budget=30.0):
+    """Median seconds of step() and its peak CUDA memory in bytes (None on CPU).
+
+    Repeats are cut so one cell takes about `budget` seconds at most (one run at
+    least). Returns ("OOM", None) when the step runs out of device memory.
+    """
+    try:
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        per_run = (time.perf_counter() - t0) / max(1, warmup)
+        repeats = max(1, min(repeats, int(budget / max(per_run, 1e-9))))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        return statistics.median(times), peak
+    except torch.OutOfMemoryError:
+        return "OOM", None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def autocast(device):
+    """bf16 autocast on GPU (the paper's and DiT's training precision); fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def environment(device):
+    """What the numbers were measured on."""
+    env = {"torch": torch.__version__, "device": str(device), "python": platform.python_version()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def fmt_time(t):
+    return t if isinstance(t, str) else f"{t * 1e3:.2f}"
+
+
+def fmt_mem(m):
+    return "-" if m is None else f"{m / 2 ** 30:.2f}"
+
+
+def write_results(name, rows, columns, out_dir, device, plot=None):
+    """Print a Markdown table of rows (dicts) and write <name>.json (and a PNG)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"environment": environment(device), "rows": rows}, f, indent=2)
+    print(f"wrote {path}")
+    if plot is not None:
+        png = os.path.join(out_dir, f"{name}.png")
+        plot(png)
+        print(f"wrote {png}")
+    return table
+
+
+#################################################################################
+#                    Whole models: DiT vs PDESSM-DiT (Tables 5, 8, 9)           #
+#################################################################################
+
+# The systems of every table: the DiT mixer and, for PDE-SSM, its coupling.
+SYSTEMS = {
+    "attn-sdpa": dict(mixer="attn"),
+    "attn-naive": dict(mixer="attn", naive=True),
+    "pdessm-diagonal": dict(mixer="pdessm", pdessm_coupling="diagonal"),
+    "pdessm-heads": dict(mixer="pdessm", pdessm_coupling="heads"),
+    "pdessm-pairwise": dict(mixer="pdessm", pdessm_coupling="pairwise"),
+}
+
+
+def build_system(size, patch, image_size, system, device, num_classes=10, channels=3, compile=False):
+    """A DiT-<size>/<patch> with the mixer of `system`, in pixel space, on device."""
+    options = dict(SYSTEMS[system])
+    naive = options.pop("naive", False)
+    if options.get("pdessm_coupling") == "heads":
+        options["pdessm_heads"] = {"T": 4, "S": 6, "B": 12, "L": 16, "XL": 16}[size]
+    model = build_model(f"DiT-{size}/{patch}", input_size=image_size, in_channels=channels,
+                        num_classes=num_classes, learn_sigma=False, **options).to(device)
+    for block in model.blocks:
+        if naive:
+            block.attn.naive = True
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (torch.compile(model) if compile else model), params
+
+
+def training_step(model, batch, image_size, device, num_classes=10, channels=3):
+    """One flow-matching training step: forward, backward, AdamW update (bf16 autocast on GPU)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    x = torch.randn(batch, channels, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    model.train()
+
+    def step():
+        with autocast(device):
+            loss = flow.training_losses(model, x, dict(y=y))["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def forward_pass(model, batch, image_size, device, num_classes=10, channels=3):
+    """One inference forward pass (eval mode, no autograd, bf16 autocast on GPU)."""
+    x = torch.randn(batch, channels, image_size, image_size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    t = flow.network_time(torch.rand(batch, device=device))
+    model.eval()
+
+    def step():
+        with torch.no_grad(), autocast(device):
+            model(x, t, y)
+    return step
+
+
+def bench_models(args, device, cells, make_step, name, title):
+    """Time every (size, patch, image) cell for every system; ratios against SDPA DiT."""
+    rows = []
+    for size, patch, image_size in cells:
+        base = None
+        for system in args.systems:
+            try:
+                model, params = build_system(size, patch, image_size, system, device, compile=args.compile)
+                step = make_step(model, args.batch, image_size, device)
+                t, mem = measure(step, device, args.warmup, args.repeats, args.budget)
+            except torch.OutOfMemoryError:
+                t, mem, params = "OOM", None, locals().get("params", "-")
+            model = step = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            base = t if system == "attn-sdpa" else base
+            ratio = f"{base / t:.2f}" if isinstance(t, float) and isinstance(base, float) else "-"
+            tokens = (image_size // patch) ** 2
+            rows.append({"model": f"{size}/{patch}", "image": image_size, "tokens": tokens, "system": system,
+                         "params_M": f"{params / 1e6:.2f}" if isinstance(params, int) else params,
+                         "ms": fmt_time(t), "peak_GiB": fmt_mem(mem), "speedup_vs_sdpa": ratio, "seconds": t})
+            print(f"  {size}/{patch} {image_size}px {system:16s} {fmt_time(t)} ms  {fmt_mem(mem)} GiB", flush=True)
+
+    def plot(path):
+        plot_lines(rows, "tokens", "system", path, title, "tokens")
+
+    columns = ["model", "image", "tokens", "system", "params_M", "ms", "peak_GiB", "speedup_vs_sdpa"]
+    return write_results(name, rows, columns, args.out_dir, device, plot)
+
+
+def bench_table5(args, device):
+    """Paper Table 5: training-step time of DiT vs PDESSM-DiT, 32 and 64 px, patch 2/4/8."""
+    cells = [(args.size or "S", p, img) for img in args.images for p in args.patches]
+    return bench_models(args, device, cells, training_step, "table5",
+                        f"Table 5: training step, DiT-{args.size or 'S'}, batch {args.batch}")
+
+
+def bench_table8(args, device):
+    """Paper Table 8: forward time of XL at 256 px, patch 8/4/2, batch 4."""
+    cells = [(args.size or "XL", p, 256) for p in (8, 4, 2)]
+    return bench_models(args, device, cells, forward_pass, "table8",
+                        f"Table 8: forward, DiT-{args.size or 'XL'} at 256 px, batch {args.batch}")
+
+
+def bench_table9(args, device):
+    """Paper Table 9: forward time of S/B/L/XL at 256 px, patch 2, batch 4."""
+    cells = [(size, 2, 256) for size in ("S", "B", "L", "XL")]
+    return bench_models(args, device, cells, forward_pass, "table9",
+                        f"Table 9: forward at 256 px, patch 2, batch {args.batch}")
+
+
+def bench_scaling(args, device):
+    """Training step and peak memory against token count (grids 16^2 .. 256^2), patch 2."""
+    cells = [(args.size or "S", 2, 2 * grid) for grid in args.grids]
+    return bench_models(args, device, cells, training_step, "scaling",
+                        f"training step vs tokens, DiT-{args.size or 'S'}/2, batch {args.batch}")
+
+
+#################################################################################
+#                               The mixer alone                                 #
+#################################################################################
+
+def build_mixer(system, dim, heads):
+    """The spatial mixer of `system` alone: attention (SDPA or naive) or PDE-SSM."""
+    options = SYSTEMS[system]
+    if options["mixer"] == "attn":
+        module = Attention(dim, heads)
+        module.naive = options.get("naive", False)
+        return module
+    coupling = options["pdessm_coupling"]
+    return PDESSM(dim, coupling=coupling, num_heads=heads if coupling == "heads" else 1)
+
+
+def bench_mixer(args, device):
+    """Forward + backward of one mixer on (batch, grid^2, dim) tokens."""
+    rows = []
+    for grid in args.grids:
+        base = None
+        for name in args.systems:
+            module = build_mixer(name, args.dim, args.heads).to(device)
+            x = torch.randn(args.batch, grid * grid, args.dim, device=device, requires_grad=True)
+
+            def step():
+                with autocast(device):
+                    out = module(x, (grid, grid))
+                out.float().square().mean().backward()
+
+            t, mem = measure(step, device, args.warmup, args.repeats)
+            del module, x
+            base = t if name == "attn-sdpa" else base
+            ratio = base / t if isinstance(t, float) and isinstance(base, float) else "-"
+            rows.append({"grid": f"{grid}x{grid}", "tokens": grid * grid, "system": name, "ms": fmt_time(t),
+                         "peak_GiB": fmt_mem(mem), "speedup_vs_sdpa": ratio if ratio == "-" else f"{ratio:.2f}",
+                         "seconds": t})
+            print(f"  {name:16s} grid {grid:4d}: {fmt_time(t)} ms", flush=True)
+
+    def plot(path):
+        plot_lines(rows, "tokens", "system", path, f"mixer forward+backward, batch {args.batch}, dim {args.dim}",
+                   "tokens (grid^2)")
+
+    columns = ["grid", "tokens", "system", "ms", "peak_GiB", "speedup_vs_sdpa"]
+    return write_results("mixer", rows, columns, args.out_dir, device, plot)
+
+
+def plot_lines(rows, x_key, series_key, path, title, xlabel):
+    """Log-log plot of seconds against x_key, one line per series (OOM cells left out)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for series in dict.fromkeys(r[series_key] for r in rows):
+        pts = [(r[x_key], r["seconds"]) for r in rows if r[series_key] == series and isinstance(r["seconds"], float)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=series)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("seconds")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+#################################################################################
+#                                   CLI                                         #
+#################################################################################
+
+BENCHMARKS = {"table5": bench_table5, "table8": bench_table8, "table9": bench_table9,
+              "scaling": bench_scaling, "mixer": bench_mixer}
+
+# Per-benchmark defaults for batch size and grids, used where the flag is not given.
+DEFAULTS = {"table5": dict(batch=64), "table8": dict(batch=4), "table9": dict(batch=4),
+            "scaling": dict(batch=4, grids=[16, 32, 64, 128, 256]), "mixer": dict(batch=2, grids=[16, 32, 64, 128])}
+
+
+def main(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    for key, value in DEFAULTS[args.benchmark].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    print(f"{args.benchmark} on {environment(device)}")
+    BENCHMARKS[args.benchmark](args, device)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which table to measure")
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--out-dir", type=str, default="results/bench", help="folder for the JSON and PNG outputs")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing each cell")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per cell (the median is reported)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds one cell may take (fewer repeats if slow)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 64 for table5, 4 for table8/table9/scaling, 2 for mixer)")
+    parser.add_argument("--grids", type=int, nargs="+", default=None,
+                        help="scaling and mixer: token grid sides (default 16 .. 256 for scaling, 16 .. 128 for mixer)")
+    parser.add_argument("--size", choices=["T", "S", "B", "L", "XL"], default=None,
+                        help="model size for table5/scaling (default S) and table8 (default XL); T is the tiny CPU config")
+    parser.add_argument("--images", type=int, nargs="+", default=[32, 64], help="table5: image sizes in pixels")
+    parser.add_argument("--patches", type=int, nargs="+", default=[2, 4, 8], help="table5: patch sizes")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
+                        help="which systems to time (mixers, or DiT models with that mixer)")
+    parser.add_argument("--compile", action="store_true", help="model tables: torch.compile every model")
+    parser.add_argument("--dim", type=int, default=64, help="mixer: token width (channels)")
+    parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
+    main(parser.parse_args())
