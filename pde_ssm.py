@@ -38,10 +38,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 # Budget of complex symbol entries the pairwise path materializes at once
 # (groups x C_out x C_in x frequencies of one chunk). Memory stays
 # O(B N C + C^2 + budget) instead of O(N C^2), forward and backward.
 PAIRWISE_CHUNK_ELEMENTS = 1 << 24
+
+# The pairwise/grouped product runs as the fused Triton kernel of kernels/ (True), as
+# the PyTorch reference `_GroupedSpectralProduct` below (False), or, when None, fused
+# wherever it applies (complex64 on CUDA with Triton installed).
+FUSED_SPECTRAL_PRODUCT = None
 
 TERMS = ("diffusion", "convection", "reaction")
 COUPLINGS = ("pairwise", "diagonal", "heads")
@@ -106,41 +113,57 @@ class _GroupedSpectralProduct(torch.autograd.Function):
     held whole. Gradients follow PyTorch's conjugate-Wirtinger convention:
     dX = G^H dY, dG = dY X^H, and for E = log G, dE = dG * conj(G), so
     dA_re = Re(dE) phi_re and dA_im = Im(dE) phi_im (summed over f).
+    Complex products are written as real ones (complex batched matmul is slow on CPU).
     """
 
     @staticmethod
     def forward(ctx, x, a_re, a_im, phi_re, phi_im, chunk):
         ctx.save_for_backward(x, a_re, a_im, phi_re, phi_im)
         ctx.chunk = chunk
+        xr, xi = x.real.contiguous(), x.imag.contiguous()
         out = []
         for f0 in range(0, x.shape[1], chunk):
-            sym = _chunk_symbol(a_re, a_im, phi_re[f0:f0 + chunk], phi_im[f0:f0 + chunk])
-            out.append(sym @ x[:, f0:f0 + chunk])
+            sl = slice(f0, f0 + chunk)
+            sr, si = _chunk_symbol(a_re, a_im, phi_re[sl], phi_im[sl])
+            out.append(torch.complex(sr @ xr[:, sl] - si @ xi[:, sl], sr @ xi[:, sl] + si @ xr[:, sl]))
         return torch.cat(out, dim=1)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, a_re, a_im, phi_re, phi_im = ctx.saved_tensors
+        xr, xi = x.real.contiguous(), x.imag.contiguous()
+        gr, gi = grad_out.real.contiguous(), grad_out.imag.contiguous()
         grad_x, grad_re, grad_im = [], torch.zeros_like(a_re), torch.zeros_like(a_im)
+        groups, c_out, c_in = a_re.shape[:3]
         for f0 in range(0, x.shape[1], ctx.chunk):
             sl = slice(f0, f0 + ctx.chunk)
-            sym = _chunk_symbol(a_re, a_im, phi_re[sl], phi_im[sl])
-            g = grad_out[:, sl]
-            grad_x.append(sym.conj().transpose(-1, -2) @ g)
-            grad_e = (g @ x[:, sl].conj().transpose(-1, -2)) * sym.conj()
-            grad_re += torch.einsum("gfij,fk->gijk", grad_e.real, phi_re[sl])
-            grad_im += torch.einsum("gfij,fk->gijk", grad_e.imag, phi_im[sl])
+            sr, si = _chunk_symbol(a_re, a_im, phi_re[sl], phi_im[sl])
+            srt, sit = sr.transpose(-1, -2), si.transpose(-1, -2)
+            grad_x.append(torch.complex(srt @ gr[:, sl] + sit @ gi[:, sl], srt @ gi[:, sl] - sit @ gr[:, sl]))
+            xrt, xit = xr[:, sl].transpose(-1, -2), xi[:, sl].transpose(-1, -2)
+            dgr = gr[:, sl] @ xrt + gi[:, sl] @ xit            # dG = dY X^H
+            dgi = gi[:, sl] @ xrt - gr[:, sl] @ xit
+            der = (dgr * sr + dgi * si).reshape(groups, -1, c_out * c_in)   # dE = dG conj(G)
+            dei = (dgi * sr - dgr * si).reshape(groups, -1, c_out * c_in)
+            grad_re += (der.transpose(1, 2) @ phi_re[sl]).reshape(grad_re.shape)
+            grad_im += (dei.transpose(1, 2) @ phi_im[sl]).reshape(grad_im.shape)
         return torch.cat(grad_x, dim=1), grad_re, grad_im, None, None, None
 
 
 def _chunk_symbol(a_re, a_im, phi_re, phi_im):
-    """(G, Co, Ci, 4), (G, Co, Ci, 2), (Fc, 4), (Fc, 2) -> complex (G, Fc, Co, Ci)."""
-    re = torch.einsum("fk,gijk->gfij", phi_re, a_re)
-    im = torch.einsum("fk,gijk->gfij", phi_im, a_im)
-    return torch.polar(torch.exp(re), im)
+    """Real and imaginary parts of the symbol on a chunk of frequencies.
+
+    a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (Fc, 4), phi_im (Fc, 2)
+    -> two real (G, Fc, Co, Ci) tensors.
+    """
+    groups, c_out, c_in = a_re.shape[:3]
+    re = (phi_re @ a_re.reshape(groups, -1, 4).transpose(1, 2)).reshape(groups, -1, c_out, c_in)
+    im = (phi_im @ a_im.reshape(groups, -1, 2).transpose(1, 2)).reshape(groups, -1, c_out, c_in)
+    magnitude = torch.exp(re)
+    return magnitude * torch.cos(im), magnitude * torch.sin(im)
 
 
-def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=PAIRWISE_CHUNK_ELEMENTS):
+def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=None):
     """Multiply an rfft2 spectrum by the PDE-SSM symbol (Eq. 9), any coupling.
 
     h_hat: complex (B, C, H, W // 2 + 1), the rfft2 of a real (B, C, H, W) field.
@@ -159,9 +182,16 @@ def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=PAIRWISE_CHUNK_E
     a_re, a_im = exponent_coefficients(K, b, r, tau)
     phi_re, phi_im = _frequency_features(grid_size, K.device, K.dtype)
     # (B, G*Ci, H, Wr) -> (G, F, Ci, B): one small matrix product per frequency.
-    x = h_hat.reshape(B, groups, c_in, H * Wr).permute(1, 3, 2, 0)
-    chunk = max(1, chunk_elements // (groups * c_out * c_in))
-    y = _GroupedSpectralProduct.apply(x.contiguous(), a_re, a_im, phi_re, phi_im, chunk)
+    x = h_hat.reshape(B, groups, c_in, H * Wr).permute(1, 3, 2, 0).contiguous()
+    fused = FUSED_SPECTRAL_PRODUCT
+    if fused is None:
+        fused = kernels.fused_spectral_product_applies(x)
+    if fused:
+        from kernels.spectral_product import spectral_product  # imports Triton only when used
+        y = spectral_product(x, a_re, a_im, phi_re, phi_im)
+    else:
+        chunk = max(1, (chunk_elements or PAIRWISE_CHUNK_ELEMENTS) // (groups * c_out * c_in))
+        y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk)
     return y.permute(3, 0, 2, 1).reshape(B, groups * c_out, H, Wr)
 
 
@@ -228,7 +258,7 @@ def _float32_fft_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def pde_evolve(h0, K, b, r, tau, chunk_elements=PAIRWISE_CHUNK_ELEMENTS):
+def pde_evolve(h0, K, b, r, tau, chunk_elements=None):
     """Evolve h0 by Eq. 2 for time tau: h(tau) = IFFT[exp(tau lambda(k)) FFT h0] (Eq. 9).
 
     h0: real (B, C, H, W), any H and W, periodic boundary, unit grid spacing.

@@ -1,0 +1,387 @@
+"""Fused pairwise PDE-SSM symbol product in Triton, forward and backward.
+
+The operator is `pde_ssm._GroupedSpectralProduct`, its reference and specification:
+for channel groups g, frequencies f of the rfft2 grid, output channels i, input
+channels j and batch entries b,
+
+    y[g, f, i, b] = sum_j S[g, f, i, j] x[g, f, j, b],
+    S[g, f, i, j] = exp(phi_re[f] . a_re[g, i, j] + 1j phi_im[f] . a_im[g, i, j])  (Eq. 9-10).
+
+The reference builds S chunk by chunk in device memory. Here each program makes
+tiles of S in registers from the six exponent coefficients of its channel pairs
+and the six wavenumber features of its frequencies, and contracts them on the
+tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
+
+  y      = S x      one program per (row tile, frequency block, group and batch
+  grad_x = S^H dy   tile), looping over the contracted channels; the adjoint is the
+                    same kernel with the coefficient tile read transposed and the
+                    phase features negated (conj S = exp(... - 1j phi_im . a_im));
+  grad_a            dE = (dy x^H) * conj(S) per frequency, grad_a_re = sum_f Re(dE)
+                    phi_re[f], grad_a_im = sum_f Im(dE) phi_im[f]: one program per
+                    (channel-pair tile, group, frequency split), looping over
+                    frequencies; the splits' partial sums are added afterwards.
+
+Complex tensors are read and written as interleaved float32 (re, im) pairs
+(torch.view_as_real); a complex matrix product is two real dots over the
+interleaved (channel, re/im) axis.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+#################################################################################
+#                          Building blocks in registers                         #
+#################################################################################
+
+@triton.jit
+def _sincos(theta):
+    """(sin theta, cos theta) from one reduction theta = q pi/2 + r, |r| <= pi/4, and
+    Taylor polynomials in r (truncation below 3e-8): float32 accuracy for the phases
+    of grid shifts (|theta| < 6000), sharing one reduction between sin and cos."""
+    q = tl.floor(theta * 0.6366197723675814 + 0.5)
+    # pi/2 in three parts with short mantissas, so q * part is exact for |q| < 2^12
+    # and r carries no rounding from the large theta (Cody-Waite reduction).
+    r = theta - q * 1.5703125
+    r = r - q * 4.837512969970703e-04
+    r = r - q * 7.549790126404332e-08
+    r2 = r * r
+    s = r + r * r2 * (-0.16666666666666666 + r2 * (0.008333333333333333
+                      + r2 * (-0.0001984126984126984 + r2 * 2.7557319223985893e-06)))
+    c = 1.0 + r2 * (-0.5 + r2 * (0.041666666666666664
+                    + r2 * (-0.001388888888888889 + r2 * 2.48015873015873e-05)))
+    # Quadrant n = q mod 4: sin theta = (s, c, -s, -c)[n], cos theta = (c, -s, -c, s)[n].
+    n = q.to(tl.int32)
+    odd = (n & 1) != 0
+    sin = tl.where(odd, c, s)
+    cos = tl.where(odd, s, c)
+    sin = tl.where((n & 2) != 0, -sin, sin)
+    cos = tl.where(((n + 1) & 2) != 0, -cos, cos)
+    return sin, cos
+
+
+@triton.jit
+def _load_coefficients(coef_ptr, plane_stride, offs, mask):
+    """The six exponent-coefficient planes (4 real, scaled by log2 e, then 2 imaginary)
+    at the 2D tile offsets offs; masked pairs get 0 (a finite symbol, 1)."""
+    c0 = tl.load(coef_ptr + offs, mask=mask, other=0.0)
+    c1 = tl.load(coef_ptr + plane_stride + offs, mask=mask, other=0.0)
+    c2 = tl.load(coef_ptr + 2 * plane_stride + offs, mask=mask, other=0.0)
+    c3 = tl.load(coef_ptr + 3 * plane_stride + offs, mask=mask, other=0.0)
+    c4 = tl.load(coef_ptr + 4 * plane_stride + offs, mask=mask, other=0.0)
+    c5 = tl.load(coef_ptr + 5 * plane_stride + offs, mask=mask, other=0.0)
+    return c0, c1, c2, c3, c4, c5
+
+
+@triton.jit
+def _load_features(phi_re_ptr, phi_im_ptr, offs_f, mask_f):
+    """Rows offs_f of phi_re (F, 4) and phi_im (F, 2) as six (BLOCK_F, 1, 1) columns."""
+    p0 = tl.load(phi_re_ptr + 4 * offs_f, mask=mask_f, other=0.0)[:, None, None]
+    p1 = tl.load(phi_re_ptr + 4 * offs_f + 1, mask=mask_f, other=0.0)[:, None, None]
+    p2 = tl.load(phi_re_ptr + 4 * offs_f + 2, mask=mask_f, other=0.0)[:, None, None]
+    p3 = tl.load(phi_re_ptr + 4 * offs_f + 3, mask=mask_f, other=0.0)[:, None, None]
+    p4 = tl.load(phi_im_ptr + 2 * offs_f, mask=mask_f, other=0.0)[:, None, None]
+    p5 = tl.load(phi_im_ptr + 2 * offs_f + 1, mask=mask_f, other=0.0)[:, None, None]
+    return p0, p1, p2, p3, p4, p5
+
+
+@triton.jit
+def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5):
+    """S = 2^(sum_k c_k p_k, k < 4) e^(1j (c4 p4 + c5 p5)) (Eq. 10 with log2 e folded into
+    the real coefficients): (R, K) coefficient tiles, (F, 1, 1) features -> (F, R, K) re, im."""
+    log2_mag = c0[None, :, :] * p0 + c1[None, :, :] * p1 + c2[None, :, :] * p2 + c3[None, :, :] * p3
+    theta = c4[None, :, :] * p4 + c5[None, :, :] * p5
+    mag = tl.exp2(log2_mag)
+    sin, cos = _sincos(theta)
+    return mag * cos, mag * sin
+
+
+@triton.jit
+def _interleave(a, b):
+    """(F, R, K) a, b -> (F, R, 2K) with columns 2k, 2k + 1 = a[..., k], b[..., k]."""
+    return tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], 2 * a.shape[2]))
+
+
+@triton.jit
+def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b for (F, M, K) a and (F, K, N) b. Triton's 3D dot spreads the warps
+    over F only, which suits F >= num_warps; F = 1 and F = 2 run as 2D dots, whose
+    warps tile M and N (and take Hopper's warpgroup MMA)."""
+    if a.shape[0] == 1:
+        acc2 = tl.dot(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
+                      tl.reshape(acc, (acc.shape[1], acc.shape[2])), input_precision=PRECISION)
+        return tl.reshape(acc2, (1, acc.shape[1], acc.shape[2]))
+    elif a.shape[0] == 2:
+        a0, a1 = tl.split(tl.permute(a, (1, 2, 0)))
+        b0, b1 = tl.split(tl.permute(b, (1, 2, 0)))
+        acc0, acc1 = tl.split(tl.permute(acc, (1, 2, 0)))
+        acc0 = tl.dot(a0, b0, acc0, input_precision=PRECISION)
+        acc1 = tl.dot(a1, b1, acc1, input_precision=PRECISION)
+        return tl.permute(tl.join(acc0, acc1), (2, 0, 1))
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+#################################################################################
+#                                  Kernels                                      #
+#################################################################################
+
+@triton.jit
+def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
+                     F, B, ROWS, INNER,
+                     in_sg, in_sf, in_sk, in_sb, out_sg, out_sf, out_sr, out_sb,
+                     coef_s6, coef_sg, coef_sr, coef_sk,
+                     ADJOINT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_F: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """out[g, f, r, b] = sum_k M[g, f, r, k] in[g, f, k, b] with M = S (r output, k input
+    channels; coefficients read at (r, k)) or, ADJOINT, M = S^H (r input, k output
+    channels; coefficients read at (k, r), phase negated)."""
+    pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_tiles = tl.cdiv(B, BLOCK_B)
+    g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    pair = tl.arange(0, 2)
+    mask_f, mask_r, mask_b = offs_f < F, offs_r < ROWS, offs_b < B
+
+    p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, mask_f)
+    if ADJOINT:
+        p4, p5 = -p4, -p5
+    coef_ptr += g * coef_sg
+    in_ptr += g.to(tl.int64) * in_sg
+    # Input tiles are read as (F, K, re/im, B) and seen as (F, 2K, B): rows 2k, 2k + 1
+    # hold re and im of channel k, so re(M x) = [M_re, -M_im] x and im(M x) = [M_im, M_re] x
+    # over the interleaved columns: two real dots.
+    in_fb = (offs_f.to(tl.int64)[:, None, None, None] * in_sf + pair[None, None, :, None]
+             + offs_b.to(tl.int64)[None, None, None, :] * in_sb)
+    mask_fb = mask_f[:, None, None, None] & mask_b[None, None, None, :]
+
+    acc_re = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
+    acc_im = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, INNER, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < INNER
+        c0, c1, c2, c3, c4, c5 = _load_coefficients(
+            coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
+            mask_r[:, None] & mask_k[None, :])
+        m_re, m_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
+        xs = tl.load(in_ptr + in_fb + k[None, :, None, None] * in_sk,
+                     mask=mask_fb & mask_k[None, :, None, None], other=0.0)
+        xs = tl.reshape(xs, (BLOCK_F, 2 * BLOCK_K, BLOCK_B))
+        acc_re = _batched_dot(_interleave(m_re, -m_im), xs, acc_re, PRECISION)
+        acc_im = _batched_dot(_interleave(m_im, m_re), xs, acc_im, PRECISION)
+
+    out_ptr += g.to(tl.int64) * out_sg
+    out_offs = (offs_f.to(tl.int64)[:, None, None] * out_sf + offs_r[None, :, None] * out_sr
+                + offs_b.to(tl.int64)[None, None, :] * out_sb)
+    mask = mask_f[:, None, None] & mask_r[None, :, None] & mask_b[None, None, :]
+    tl.store(out_ptr + out_offs[:, :, :, None] + pair, tl.join(acc_re, acc_im), mask=mask[:, :, :, None])
+
+
+@triton.jit
+def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
+                              F, B, C_OUT, C_IN, SPLITS, F_PER_SPLIT,
+                              x_sg, x_sf, x_sc, x_sb, dy_sg, dy_sf, dy_sc, dy_sb,
+                              coef_s6, coef_sg, grad_split,
+                              PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                              BLOCK_B: tl.constexpr):
+    """For the pair tile (o, i) of group g over one split of the frequencies:
+    dE[f] = (dy[f] x[f]^H) * conj(S[f]); grad[k] = sum_f Re dE[f] phi_re[f, k] (k < 4) and
+    grad[4 + k] = sum_f Im dE[f] phi_im[f, k], written to grad[split, :, g, o, i]."""
+    pid_o, pid_i, pid_gs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    g, split = pid_gs // SPLITS, pid_gs % SPLITS
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_b = tl.arange(0, BLOCK_B)
+    pair = tl.arange(0, 2)
+    mask_o, mask_i = offs_o < C_OUT, offs_i < C_IN
+    pair_offs = offs_o[:, None] * C_IN + offs_i[None, :]
+    pair_mask = mask_o[:, None] & mask_i[None, :]
+    c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr + g * coef_sg, coef_s6, pair_offs, pair_mask)
+    x_ptr += g.to(tl.int64) * x_sg
+    dy_ptr += g.to(tl.int64) * dy_sg
+    # dG = dy x^H over the interleaved (b, re/im) axis: dy is read as (O, B, re/im),
+    # x^H as rows (b, re/im) = (x_re, x_im) for Re dG and (-x_im, x_re) for Im dG.
+    dy_ob = offs_o[None, :, None, None] * dy_sc + pair[None, None, None, :]
+    x_bi = offs_i[None, None, None, :] * x_sc
+    x_swap = (1 - pair)[None, None, :, None]
+    x_sign = (2 * pair - 1).to(tl.float32)[None, None, :, None]
+
+    acc0 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    f_begin = split * F_PER_SPLIT
+    for f in range(f_begin, tl.minimum(f_begin + F_PER_SPLIT, F)):
+        offs_f = f + tl.arange(0, 1)
+        dy_f = dy_ptr + offs_f.to(tl.int64)[:, None, None, None] * dy_sf + dy_ob
+        x_f = x_ptr + offs_f.to(tl.int64)[:, None, None, None] * x_sf + x_bi
+        dg_re = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
+        dg_im = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
+        for b0 in range(0, B, BLOCK_B):
+            b = (b0 + offs_b).to(tl.int64)
+            mask_b = b < B
+            dys = tl.load(dy_f + b[None, None, :, None] * dy_sb,
+                          mask=mask_o[None, :, None, None] & mask_b[None, None, :, None], other=0.0)
+            dys = tl.reshape(dys, (1, BLOCK_O, 2 * BLOCK_B))
+            x_offs = x_f + b[None, :, None, None] * x_sb
+            mask_x = mask_b[None, :, None, None] & mask_i[None, None, None, :]
+            xs = tl.load(x_offs + pair[None, None, :, None], mask=mask_x, other=0.0)
+            xs_swapped = x_sign * tl.load(x_offs + x_swap, mask=mask_x, other=0.0)
+            dg_re = _batched_dot(dys, tl.reshape(xs, (1, 2 * BLOCK_B, BLOCK_I)), dg_re, PRECISION)
+            dg_im = _batched_dot(dys, tl.reshape(xs_swapped, (1, 2 * BLOCK_B, BLOCK_I)), dg_im, PRECISION)
+        p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, offs_f < F)
+        s_re, s_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
+        de_re = tl.reshape(dg_re * s_re + dg_im * s_im, (BLOCK_O, BLOCK_I))
+        de_im = tl.reshape(dg_im * s_re - dg_re * s_im, (BLOCK_O, BLOCK_I))
+        acc0 += de_re * tl.reshape(p0, (1, 1))
+        acc1 += de_re * tl.reshape(p1, (1, 1))
+        acc2 += de_re * tl.reshape(p2, (1, 1))
+        acc3 += de_re * tl.reshape(p3, (1, 1))
+        acc4 += de_im * tl.reshape(p4, (1, 1))
+        acc5 += de_im * tl.reshape(p5, (1, 1))
+
+    grad_ptr += split.to(tl.int64) * grad_split + g * coef_sg + pair_offs
+    tl.store(grad_ptr, acc0, mask=pair_mask)
+    tl.store(grad_ptr + coef_s6, acc1, mask=pair_mask)
+    tl.store(grad_ptr + 2 * coef_s6, acc2, mask=pair_mask)
+    tl.store(grad_ptr + 3 * coef_s6, acc3, mask=pair_mask)
+    tl.store(grad_ptr + 4 * coef_s6, acc4, mask=pair_mask)
+    tl.store(grad_ptr + 5 * coef_s6, acc5, mask=pair_mask)
+
+
+#################################################################################
+#                      Tile choices, launches and autograd                      #
+#################################################################################
+
+def _pow2_between(n, low, high):
+    return min(high, max(low, triton.next_power_of_2(n)))
+
+
+def _contract_tiles(B, rows, inner, precision):
+    """Every symbol tile made serves all BLOCK_B batch columns, and every coefficient
+    tile loaded serves BLOCK_F frequencies (coefficient loads are most of the traffic
+    from L2). A large batch takes 2D tiles (warpgroup MMA over BLOCK_R x BLOCK_B), two
+    frequencies at a time with tf32 (one program per multiprocessor); a small batch
+    takes BLOCK_F = 8 frequencies, one per warp, in 128 registers with tf32 (two
+    programs per multiprocessor). The float32-exact dot modes need more registers."""
+    block_b, block_r = _pow2_between(B, 8, 64), _pow2_between(rows, 16, 64)
+    tf32 = precision == "tf32"
+    if block_b >= 32:
+        return dict(BLOCK_F=2 if tf32 else 1, BLOCK_R=block_r, BLOCK_K=_pow2_between(inner, 8, 16),
+                    BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
+    return dict(BLOCK_F=8, BLOCK_R=min(block_r, 32), BLOCK_K=8, BLOCK_B=block_b, num_warps=8, num_stages=2,
+                maxnreg=128 if tf32 else None)
+
+
+def _grad_tiles(B, c_out, c_in, groups, F, device):
+    """Pair tiles of 64 x 32 keep the coefficients and six gradient accumulators in
+    registers; frequency splits give at least two programs per multiprocessor (their
+    partial sums are added afterwards)."""
+    block_o, block_i = _pow2_between(c_out, 16, 64), _pow2_between(c_in, 16, 32)
+    programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    splits = max(1, min(F, triton.cdiv(2 * sms, programs)))
+    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 8, 16), SPLITS=splits,
+                num_warps=8, num_stages=1, maxnreg=None)
+
+
+def _with_overrides(defaults, tiles):
+    """The defaults, with the entries of tiles that this kernel takes."""
+    return {name: (tiles or {}).get(name, value) for name, value in defaults.items()}
+
+
+def _contract(inp, coef, phi_re, phi_im, adjoint, precision, tiles):
+    """S inp (adjoint=False: inp (G, F, Ci, B) -> (G, F, Co, B)) or S^H inp (adjoint=True:
+    inp (G, F, Co, B) -> (G, F, Ci, B)), complex64, inp of any strides."""
+    G, F, inner, B = inp.shape
+    c_out, c_in = coef.shape[2:]
+    rows = c_in if adjoint else c_out
+    assert inner == (c_out if adjoint else c_in)
+    out = torch.empty(G, F, rows, B, dtype=torch.complex64, device=inp.device)
+    cfg = _with_overrides(_contract_tiles(B, rows, inner, precision), tiles)
+    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
+    src, dst = torch.view_as_real(inp), torch.view_as_real(out)
+    pair_strides = (coef.stride(3), coef.stride(2)) if adjoint else (coef.stride(2), coef.stride(3))
+    _contract_kernel[grid](dst, src, coef, phi_re, phi_im, F, B, rows, inner,
+                           *src.stride()[:4], *dst.stride()[:4], coef.stride(0), coef.stride(1),
+                           *pair_strides, ADJOINT=adjoint, PRECISION=precision, **cfg)
+    return out
+
+
+def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
+    """x (G, F, Ci, B), dy (G, F, Co, B) complex64 -> (6, G, Co, Ci) float32 gradients of
+    the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
+    G, F, c_in, B = x.shape
+    c_out = dy.shape[2]
+    cfg = _with_overrides(_grad_tiles(B, c_out, c_in, G, F, x.device), tiles)
+    f_per_split = triton.cdiv(F, cfg.pop("SPLITS"))
+    splits = triton.cdiv(F, f_per_split)
+    partial = torch.empty((splits,) + coef.shape, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(c_out, cfg["BLOCK_O"]), triton.cdiv(c_in, cfg["BLOCK_I"]), G * splits)
+    xr, dyr = torch.view_as_real(x), torch.view_as_real(dy)
+    _grad_coefficients_kernel[grid](partial, xr, dyr, coef, phi_re, phi_im, F, B, c_out, c_in,
+                                    splits, f_per_split, *xr.stride()[:4], *dyr.stride()[:4],
+                                    coef.stride(0), coef.stride(1), partial.stride(0),
+                                    PRECISION=precision, **cfg)
+    return partial.sum(0)
+
+
+class _SpectralProduct(torch.autograd.Function):
+    """`pde_ssm._GroupedSpectralProduct` with the symbol made in registers."""
+
+    @staticmethod
+    def forward(ctx, x, a_re, a_im, phi_re, phi_im, input_precision, tiles):
+        # (6, G, Co, Ci) planes; log2 e folded in so the kernels take exp2.
+        coef = torch.cat([a_re * LOG2E, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()
+        phi_re, phi_im = phi_re.contiguous(), phi_im.contiguous()
+        x = x.resolve_conj()
+        ctx.save_for_backward(x, coef, phi_re, phi_im)
+        ctx.input_precision, ctx.tiles = input_precision, tiles
+        return _contract(x, coef, phi_re, phi_im, False, input_precision, tiles)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, coef, phi_re, phi_im = ctx.saved_tensors
+        grad_y = grad_y.resolve_conj()
+        grad_x = grad_re = grad_im = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _contract(grad_y, coef, phi_re, phi_im, True, ctx.input_precision, ctx.tiles)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad = _grad_coefficients(x, grad_y, coef, phi_re, phi_im, ctx.input_precision, ctx.tiles)
+            grad_re, grad_im = grad[:4].permute(1, 2, 3, 0), grad[4:].permute(1, 2, 3, 0)
+        return grad_x, grad_re, grad_im, None, None, None, None
+
+
+# torch.compile runs the kernels as they are, between its graphs.
+@torch.compiler.disable
+def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tiles=None):
+    """Fused `pde_ssm._GroupedSpectralProduct`: y[g, f, i, b] = sum_j S[g, f, i, j] x[g, f, j, b]
+    with S = exp(phi_re a_re + 1j phi_im a_im), S made tile by tile in registers.
+
+    x complex64 (G, F, Ci, B), any strides; a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2),
+    phi_re (F, 4), phi_im (F, 2) float32 -> y complex64 (G, F, Co, B). Differentiable in
+    x, a_re and a_im (conjugate-Wirtinger gradients, as the reference).
+    input_precision is tl.dot's mode for the complex products: "tf32" (tensor cores,
+    relative error about 3e-4), "tf32x3" (about float32, three times the tensor-core
+    work) or "ieee" (float32 FMA). tiles overrides the tile sizes chosen from the
+    shapes: keys BLOCK_F, BLOCK_R, BLOCK_K, BLOCK_B of the products, BLOCK_O, BLOCK_I,
+    BLOCK_B, SPLITS of the coefficient gradient (powers of two), and Triton's
+    num_warps, num_stages, maxnreg.
+    """
+    if x.dtype != torch.complex64 or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):
+        raise ValueError(f"spectral_product takes complex64 x and float32 coefficients and features; got "
+                         f"{x.dtype}, {a_re.dtype}, {a_im.dtype}, {phi_re.dtype}, {phi_im.dtype} "
+                         "(float64 runs the PyTorch reference in pde_ssm.py)")
+    G, F, c_in, _ = x.shape
+    c_out = a_re.shape[1]
+    assert [t.shape for t in (a_re, a_im, phi_re, phi_im)] == [(G, c_out, c_in, 4), (G, c_out, c_in, 2), (F, 4),
+                                                               (F, 2)]
+    return _SpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, input_precision, tiles)

@@ -1,0 +1,209 @@
+"""The fused Triton spectral product (kernels/spectral_product.py) against its
+reference and specification, pde_ssm._GroupedSpectralProduct in float64: values
+and the gradients of x, a_re and a_im. Without CUDA the kernels run in Triton's
+interpreter on the CPU at small shapes; with CUDA they run compiled, also at
+model sizes, and pde_evolve must pick them."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import kernels  # noqa: E402
+import pde_ssm  # noqa: E402
+from kernels import spectral_product as sp  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# Without CUDA the kernels need Triton's interpreter, which Triton chooses when it is
+# first imported: test_in_triton_interpreter reruns this file in a child process.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+runs_here = pytest.mark.skipif(not (CUDA or INTERPRETER),
+                               reason="no CUDA: runs in the Triton interpreter (test_in_triton_interpreter)")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="model sizes need a CUDA GPU (too slow in the interpreter)")
+
+# Tiles small enough to give several tiles along every axis of small shapes (and
+# frequency splits), valid for compiled float32 dots (contracted sizes >= 8). The
+# products run 2D dots for BLOCK_F = 1 and 2 and 3D dots for the shapes' own tiles
+# at small batches (BLOCK_F = 8).
+SMALL_TILES = dict(BLOCK_F=2, BLOCK_R=4, BLOCK_K=4, BLOCK_B=4, BLOCK_O=4, BLOCK_I=8, SPLITS=3, num_warps=2)
+SMALL_2D_TILES = dict(SMALL_TILES, BLOCK_F=1, BLOCK_R=16, BLOCK_O=16)
+
+
+def relative_error(out, ref):
+    return ((out.to(ref.dtype) - ref).abs().norm() / ref.abs().norm()).item()
+
+
+def coefficients(groups, c_out, c_in, device):
+    """Exponent coefficients of random valid PDE parameters (K symmetric PSD, tau > 0)
+    at the scales PDESSM initializes: Gaussian widths of 0.5 to 8 tokens, shifts of a
+    few tokens (phases up to tens of radians), gains around 1."""
+    shape = (groups, c_out, c_in)
+    L = torch.randn(shape + (2, 2), dtype=torch.float64).tril() * 0.7
+    K = L @ L.transpose(-1, -2)
+    b = 3.0 * torch.randn(shape + (2,), dtype=torch.float64)
+    r = 0.3 * torch.randn(shape, dtype=torch.float64)
+    tau = torch.rand(shape, dtype=torch.float64) + 0.5
+    return [t.to(device) for t in pde_ssm.exponent_coefficients(K, b, r, tau)]
+
+
+def forward_backward(product, x, a_re, a_im, phi_re, phi_im, weight):
+    """y and the gradients of the real loss sum(Re(y * weight)) for x, a_re, a_im."""
+    x, a_re, a_im = (t.detach().requires_grad_() for t in (x, a_re, a_im))
+    y = product(x, a_re, a_im, phi_re, phi_im)
+    (y * weight).real.sum().backward()
+    return y.detach(), x.grad, a_re.grad, a_im.grad
+
+
+def check_against_reference(groups, c_out, c_in, grid_size, batch, tol, x_layout=None, **options):
+    """Fused float32 on DEVICE vs the reference in float64: y, grad_x, grad_a_re, grad_a_im."""
+    H, W = grid_size
+    F = H * (W // 2 + 1)
+    a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
+    phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float64)
+    x = torch.randn(groups, F, c_in, batch, dtype=torch.complex128, device=DEVICE)
+    weight = torch.randn(groups, F, c_out, batch, dtype=torch.complex128, device=DEVICE)
+
+    def reference(*args):
+        return pde_ssm._GroupedSpectralProduct.apply(*args, 5)
+
+    expected = forward_backward(reference, x, a_re, a_im, phi_re, phi_im, weight)
+    x32 = x.to(torch.complex64)
+    if x_layout is not None:
+        x32 = x_layout(x32)
+    got = forward_backward(lambda *args: sp.spectral_product(*args, **options), x32, a_re.float(),
+                           a_im.float(), phi_re.float(), phi_im.float(), weight.to(torch.complex64))
+    for name, out, ref in zip(("y", "grad_x", "grad_a_re", "grad_a_im"), got, expected):
+        assert out.shape == ref.shape and torch.isfinite(out).all(), name
+        assert relative_error(out, ref) < tol, (name, relative_error(out, ref))
+
+
+@triton.jit
+def _sincos_kernel(theta_ptr, sin_ptr, cos_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    sin, cos = sp._sincos(tl.load(theta_ptr + offs))
+    tl.store(sin_ptr + offs, sin)
+    tl.store(cos_ptr + offs, cos)
+
+
+@runs_here
+def test_sincos_is_float32_accurate():
+    theta = torch.cat([torch.linspace(-1000, 1000, 4096), torch.linspace(-7, 7, 4093),
+                       torch.tensor([0.0, math.pi / 4, -math.pi / 4])]).to(DEVICE)
+    sin, cos = torch.empty_like(theta), torch.empty_like(theta)
+    _sincos_kernel[(1,)](theta, sin, cos, N=theta.numel())
+    exact = theta.double()
+    assert (sin.double() - exact.sin()).abs().max() < 2e-7
+    assert (cos.double() - exact.cos()).abs().max() < 2e-7
+
+
+@runs_here
+@pytest.mark.parametrize("groups,c_out,c_in,grid_size,batch,tiles", [
+    (2, 5, 6, (3, 2), 5, SMALL_TILES),        # several tiles on every axis, ragged edges
+    (1, 20, 6, (2, 3), 5, SMALL_2D_TILES),
+    (1, 5, 3, (5, 3), 3, None),               # tiles from the shapes, one partial tile each
+    (3, 16, 16, (4, 4), 1, None),
+])
+def test_matches_reference(groups, c_out, c_in, grid_size, batch, tiles):
+    check_against_reference(groups, c_out, c_in, grid_size, batch, 2e-5, tiles=tiles, input_precision="ieee")
+
+
+@runs_here
+def test_strided_input_and_conjugate_gradient():
+    # x as a strided view (the (B, C, F) layout of an rfft2 spectrum seen as (G, F, C, B));
+    # the loss Re(y * w) hands the backward a gradient that may carry a lazy conjugation.
+    def strided(x):
+        return x.permute(3, 0, 2, 1).contiguous().permute(1, 3, 2, 0)
+
+    check_against_reference(2, 3, 5, (2, 3), 3, 2e-5, x_layout=strided, tiles=SMALL_TILES,
+                            input_precision="ieee")
+
+
+def test_rejects_float64():
+    x = torch.zeros(1, 2, 3, 4, dtype=torch.complex128)
+    a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
+    with pytest.raises(ValueError, match="complex64"):
+        sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2))
+
+
+@runs_here
+def test_pde_evolve_dispatch(monkeypatch):
+    """pde_evolve takes the fused product where it applies (forced here on the CPU, where
+    the kernels run in the interpreter) and matches the float64 reference, gradients
+    included; on CPU tensors the automatic choice is the reference."""
+    calls, fused = [], sp.spectral_product
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].device.type)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "spectral_product", counted)
+    groups, c, grid_size, batch = 2, 6, (6, 5), 3
+    a_re, a_im = coefficients(groups, c // groups, c // groups, "cpu")
+    # Parameters whose exponent coefficients are a_re, a_im: tau = 1, K from -a_re, b = a_im.
+    K = torch.stack([torch.stack([-a_re[..., 0], -a_re[..., 1] / 2], -1),
+                     torch.stack([-a_re[..., 1] / 2, -a_re[..., 2]], -1)], -2)
+    params = [K, a_im, a_re[..., 3], torch.ones(a_re.shape[:3], dtype=torch.float64)]
+    h0 = torch.randn(batch, c, *grid_size, dtype=torch.float64)
+    weight = torch.randn(batch, c, *grid_size, dtype=torch.float64)
+
+    def run(dtype, device):
+        leaves = [t.detach().to(device, dtype).requires_grad_() for t in [h0] + params]
+        out = pde_ssm.pde_evolve(*leaves)
+        (out * weight.to(device, dtype)).sum().backward()
+        return [out.detach().cpu()] + [t.grad.cpu() for t in leaves]
+
+    monkeypatch.setattr(pde_ssm, "FUSED_SPECTRAL_PRODUCT", None)
+    expected = run(torch.float64, "cpu")
+    run(torch.float32, "cpu")
+    assert calls == [] and not kernels.fused_spectral_product_applies(torch.zeros(1, dtype=torch.complex64))
+    if not CUDA:
+        monkeypatch.setattr(pde_ssm, "FUSED_SPECTRAL_PRODUCT", True)
+    got = run(torch.float32, DEVICE)
+    assert calls == [DEVICE]
+    # tf32 tensor-core products on CUDA; exact float32 dots in the interpreter.
+    tol = 3e-3 if CUDA else 1e-5
+    for out, ref in zip(got, expected):
+        assert relative_error(out, ref) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("input_precision,tol", [("tf32", 3e-3), ("ieee", 2e-5)])
+@pytest.mark.parametrize("groups", [1, 6])
+@pytest.mark.parametrize("batch", [8, 32])   # the batched (3D) and the 2D tiles
+def test_model_size_on_cuda(groups, batch, input_precision, tol):
+    # DiT-S width 384 on a 32 x 32 token grid: one pairwise group, or 6 heads of 64.
+    c = 384 // groups
+    check_against_reference(groups, c, c, (32, 32), batch, tol, input_precision=input_precision)
+
+
+@needs_cuda
+def test_memory_is_linear_in_frequencies():
+    # O(B N C + C^2): the complex (F, C, C) symbol of this size (641 MB) must never exist.
+    groups, c, grid_size, batch = 1, 384, (32, 32), 8
+    F = grid_size[0] * (grid_size[1] // 2 + 1)
+    a_re, a_im = (t.float().requires_grad_() for t in coefficients(groups, c, c, DEVICE))
+    phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float32)
+    x = torch.randn(groups, F, c, batch, dtype=torch.complex64, device=DEVICE, requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y = sp.spectral_product(x, a_re, a_im, phi_re, phi_im)
+    y.abs().sum().backward()
+    torch.cuda.synchronize()
+    # Ten spectra of x's size: about a fifth of the symbol.
+    assert torch.cuda.max_memory_allocated() - base < 10 * x.numel() * 8
+
+
+@pytest.mark.skipif(CUDA or INTERPRETER, reason="runs the kernels compiled on CUDA, or is the interpreter run")
+def test_in_triton_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
