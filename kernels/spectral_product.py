@@ -293,9 +293,16 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
                 num_warps=8, num_stages=1, maxnreg=None)
 
 
-def _with_overrides(defaults, tiles):
-    """The defaults, with the entries of tiles that this kernel takes."""
-    return {name: (tiles or {}).get(name, value) for name, value in defaults.items()}
+def _with_overrides(defaults, tiles, contracted):
+    """The defaults, with the entries of tiles that this kernel takes. The block named
+    contracted sets the dots' inner size, 2 * block interleaved (re, im) columns, which
+    float32 tl.dot needs to be at least 16 (Triton 3.6; 3.8 takes 8)."""
+    cfg = {name: (tiles or {}).get(name, value) for name, value in defaults.items()}
+    if 2 * cfg[contracted] < 16:
+        raise ValueError(f"tiles[{contracted!r}] = {cfg[contracted]} is too small: the complex dots contract "
+                         f"2 * {contracted} real columns and float32 tl.dot needs at least 16; expected a power "
+                         "of two >= 8")
+    return cfg
 
 
 def _contract(inp, coef, phi_re, phi_im, adjoint, precision, tiles):
@@ -306,7 +313,7 @@ def _contract(inp, coef, phi_re, phi_im, adjoint, precision, tiles):
     rows = c_in if adjoint else c_out
     assert inner == (c_out if adjoint else c_in)
     out = torch.empty(G, F, rows, B, dtype=torch.complex64, device=inp.device)
-    cfg = _with_overrides(_contract_tiles(B, rows, inner, precision), tiles)
+    cfg = _with_overrides(_contract_tiles(B, rows, inner, precision), tiles, "BLOCK_K")
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
     src, dst = torch.view_as_real(inp), torch.view_as_real(out)
     pair_strides = (coef.stride(3), coef.stride(2)) if adjoint else (coef.stride(2), coef.stride(3))
@@ -321,7 +328,7 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
     the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
     G, F, c_in, B = x.shape
     c_out = dy.shape[2]
-    cfg = _with_overrides(_grad_tiles(B, c_out, c_in, G, F, x.device), tiles)
+    cfg = _with_overrides(_grad_tiles(B, c_out, c_in, G, F, x.device), tiles, "BLOCK_B")
     f_per_split = triton.cdiv(F, cfg.pop("SPLITS"))
     splits = triton.cdiv(F, f_per_split)
     partial = torch.empty((splits,) + coef.shape, dtype=torch.float32, device=x.device)
@@ -373,8 +380,8 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     relative error about 3e-4), "tf32x3" (about float32, three times the tensor-core
     work) or "ieee" (float32 FMA). tiles overrides the tile sizes chosen from the
     shapes: keys BLOCK_F, BLOCK_R, BLOCK_K, BLOCK_B of the products, BLOCK_O, BLOCK_I,
-    BLOCK_B, SPLITS of the coefficient gradient (powers of two), and Triton's
-    num_warps, num_stages, maxnreg.
+    BLOCK_B, SPLITS of the coefficient gradient (powers of two; the contracted
+    BLOCK_K and gradient BLOCK_B at least 8), and Triton's num_warps, num_stages, maxnreg.
     """
     if x.dtype != torch.complex64 or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):
         raise ValueError(f"spectral_product takes complex64 x and float32 coefficients and features; got "

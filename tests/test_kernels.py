@@ -29,10 +29,10 @@ runs_here = pytest.mark.skipif(not (CUDA or INTERPRETER),
 needs_cuda = pytest.mark.skipif(not CUDA, reason="model sizes need a CUDA GPU (too slow in the interpreter)")
 
 # Tiles small enough to give several tiles along every axis of small shapes (and
-# frequency splits), valid for compiled float32 dots (contracted sizes >= 8). The
-# products run 2D dots for BLOCK_F = 1 and 2 and 3D dots for the shapes' own tiles
-# at small batches (BLOCK_F = 8).
-SMALL_TILES = dict(BLOCK_F=2, BLOCK_R=4, BLOCK_K=4, BLOCK_B=4, BLOCK_O=4, BLOCK_I=8, SPLITS=3, num_warps=2)
+# frequency splits), valid for compiled float32 dots (contracted sizes 2 BLOCK_K and
+# 2 BLOCK_B of the gradient >= 16). The products run 2D dots for BLOCK_F = 1 and 2 and
+# 3D dots for the shapes' own tiles at small batches (BLOCK_F = 8).
+SMALL_TILES = dict(BLOCK_F=2, BLOCK_R=4, BLOCK_K=8, BLOCK_B=8, BLOCK_O=4, BLOCK_I=8, SPLITS=3, num_warps=2)
 SMALL_2D_TILES = dict(SMALL_TILES, BLOCK_F=1, BLOCK_R=16, BLOCK_O=16)
 
 
@@ -105,7 +105,7 @@ def test_sincos_is_float32_accurate():
 
 @runs_here
 @pytest.mark.parametrize("groups,c_out,c_in,grid_size,batch,tiles", [
-    (2, 5, 6, (3, 2), 5, SMALL_TILES),        # several tiles on every axis, ragged edges
+    (2, 6, 9, (3, 2), 9, SMALL_TILES),        # several tiles on every axis, ragged edges
     (1, 20, 6, (2, 3), 5, SMALL_2D_TILES),
     (1, 5, 3, (5, 3), 3, None),               # tiles from the shapes, one partial tile each
     (3, 16, 16, (4, 4), 1, None),
@@ -130,6 +130,14 @@ def test_rejects_float64():
     a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
     with pytest.raises(ValueError, match="complex64"):
         sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2))
+
+
+def test_rejects_tiles_too_small_for_dots():
+    # BLOCK_K = 4 contracts 8 real columns; Triton 3.6's float32 dots need 16.
+    x = torch.zeros(1, 2, 3, 4, dtype=torch.complex64)
+    a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2), tiles=dict(BLOCK_K=4))
 
 
 @runs_here
