@@ -427,6 +427,8 @@ def DiT_T_4(**kwargs): return DiT(depth=4, hidden_size=64, patch_size=4, num_hea
 # U-Nets: UNet-S is DDPM's CIFAR-10 layout sized near DiT-S/2 (paper Table 1); UNet-B doubles the width.
 def UNet_S(**kwargs): return UNet(block_out_channels=(128, 256, 256, 256), **kwargs)
 def UNet_B(**kwargs): return UNet(block_out_channels=(256, 512, 512, 512), **kwargs)
+# Tiny U-Net for CPU demos and tests:
+def UNet_T(**kwargs): return UNet(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=32, norm_num_groups=8, **kwargs)
 
 DiT_models = {
     "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
@@ -437,7 +439,7 @@ DiT_models = {
 }
 # Each PDESSM-DiT config is its DiT twin with the mixer swapped (a mixer keyword still overrides it).
 DiT_models.update({"PDESSM-" + name: partial(config, mixer="pdessm") for name, config in list(DiT_models.items())})
-DiT_models.update({"UNet-S": UNet_S, "UNet-B": UNet_B})
+DiT_models.update({"UNet-S": UNet_S, "UNet-B": UNet_B, "UNet-T": UNet_T})
 
 
 def build_model(name, mixer=None, **kwargs):

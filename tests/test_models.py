@@ -158,7 +158,7 @@ def test_mixer_swap_changes_only_mixer_modules():
 def test_registry_names_configs_and_mixer_override():
     sizes = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (4, 64, 4)}
     dit_names = [f"DiT-{s}/{p}" for s in "XL L B S".split() for p in (2, 4, 8)] + [f"DiT-T/{p}" for p in (1, 2, 4)]
-    assert set(DiT_models) == set(dit_names) | {"PDESSM-" + n for n in dit_names} | {"UNet-S", "UNet-B"}
+    assert set(DiT_models) == set(dit_names) | {"PDESSM-" + n for n in dit_names} | {"UNet-S", "UNet-B", "UNet-T"}
     for name in ["DiT-XL/2", "DiT-L/4", "PDESSM-DiT-B/8", "PDESSM-DiT-S/2", "DiT-T/1"]:
         size, patch = name.split("-")[-1].split("/")
         with torch.device("meta"):

@@ -1,0 +1,523 @@
+"""
+Reproduce the paper's side-by-side comparisons as one command each, on data we can run.
+
+    python reproduce.py table1 --dataset fashion-mnist --max-steps 20000 --ema-decay 0.999 --eval-every 2000
+    python reproduce.py table7 --dataset fashion-mnist --max-steps 20000 --ema-decay 0.999
+    torchrun --nproc_per_node=8 reproduce.py table1 --dataset cifar10 --data-path data/cifar10
+
+table1: Table 1 with Figures 2 and 3. DiT-S/2, UNet-S and PDESSM-DiT-S/2 (the "legs") are trained by
+        train.py with one recipe (the paper's Table 6: hidden 384, 12 layers, 6 heads, batch 64,
+        learning rate 5e-4, 32 px, flow matching; 400K steps is the full recipe) and the same seed,
+        then sample the same images (sample_ddp.py: same sampler, labels i % 10, per-image noise
+        seeds) and are evaluated: #Params, the paper's MSE (flow.eval_mse on held-out test images,
+        fixed seed), Inception FID (where Inception's weights are available), and on Fashion-MNIST
+        FID-FMNIST (FID on our Fashion-MNIST classifier's 64 features) and the classifier's accuracy on
+        the class-conditional samples; plus training step time and peak GPU memory.
+table7: Table 7, the PDE-term ablation of PDESSM-DiT-S/2 under the same recipe: all terms, diffusion +
+        reaction, diffusion + convection, convection, diffusion, reaction (a removed term is zero and
+        frozen); FID on 64 features over 256 samples, as the paper (which used Oxford-Flowers).
+
+Everything goes to <results-dir>/<table>-<dataset>/: a folder per leg (train.py's run folder with
+checkpoints/, metrics.jsonl and log.txt; samples/ from sample_ddp.py; result.json once evaluated),
+and table.md / table.json, samples.png (real | DiT | U-Net | PDE-SSM-DiT) and curves.png (training
+loss and FID proxy over steps with the internal-FID floor) for table1; table7.md / table7.json.
+
+Long studies can be cut into short commands: a leg whose result.json matches the flags is not
+redone; an interrupted leg resumes from its newest checkpoint (train.py --resume auto) and its
+sampling from the images already written; raising --max-steps continues training, and --train-only
+stops after training so intermediate commands do not sample. --legs runs a subset, so legs can run
+as parallel processes; run --report-only once before them: it trains (or loads) the Fashion-MNIST
+classifier and caches the reference statistics that the processes then only read. The table and
+figures are rebuilt from the finished legs after every command. --model-scale tiny swaps in the
+tiny registry configs (DiT-T/2, UNet-T, PDESSM-DiT-T/2) for CPU demos and tests.
+"""
+import argparse
+import functools
+import json
+import os
+import statistics
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.utils import make_grid
+
+import checkpoint
+import datasets
+import evaluate
+import flow
+import fmnist_classifier
+import sample
+import sample_ddp
+import train
+from pde_ssm import TERMS
+from visualize import plot_curves, read_metrics
+
+
+# The three systems of Table 1: leg -> (row label, model at each --model-scale).
+TABLE1_LEGS = {
+    "dit": ("DiT", {"paper": "DiT-S/2", "tiny": "DiT-T/2"}),
+    "unet": ("U-Net", {"paper": "UNet-S", "tiny": "UNet-T"}),
+    "pdessm-dit": ("PDE-SSM-DiT", {"paper": "PDESSM-DiT-S/2", "tiny": "PDESSM-DiT-T/2"}),
+}
+# The variants of Table 7 in the paper's column order: leg -> (column label, PDE terms kept).
+TABLE7_LEGS = {
+    "full": ("Baseline", TERMS),
+    "diffusion-reaction": ("Diffusion + Reaction", ("diffusion", "reaction")),
+    "diffusion-convection": ("Diffusion + Convection", ("diffusion", "convection")),
+    "convection": ("Convection", ("convection",)),
+    "diffusion": ("Diffusion", ("diffusion",)),
+    "reaction": ("Reaction", ("reaction",)),
+}
+TABLE7_MODEL = {"paper": "PDESSM-DiT-S/2", "tiny": "PDESSM-DiT-T/2"}
+# Defaults per table: the paper's training length and sample count.
+DEFAULT_STEPS = {"table1": 400_000, "table7": 60_000}
+DEFAULT_SAMPLES = {"table1": 10_000, "table7": 256}
+TABLE7_FEATURE_DIM = 64  # the paper's Table 7: FID on 64 features
+
+# The paper's numbers (CIFAR-10, 400K steps; Table 7 on Oxford-Flowers, 60K steps), printed for reference.
+PAPER_TABLE1 = {"dit": (29.6, 3.82e-2, 4.25), "unet": (32.6, 3.78e-2, 4.19), "pdessm-dit": (34.2, 3.76e-2, 4.18)}
+PAPER_TABLE7 = {"full": 1.108, "diffusion-reaction": 1.441, "diffusion-convection": 1.015, "convection": 1.065,
+                "diffusion": 0.711, "reaction": 0.617}
+DATA_PATHS = {"fashion-mnist": datasets.FASHION_MNIST_PATH, "cifar10": datasets.CIFAR10_PATH}
+
+
+def main(args):
+    """Run the legs of args.table that are not done, then (rank 0) write its table and figures."""
+    legs = TABLE1_LEGS if args.table == "table1" else TABLE7_LEGS
+    unknown = set(args.legs or ()) - set(legs)
+    if unknown:
+        raise ValueError(f"unknown legs {sorted(unknown)} for {args.table}; choose from {', '.join(legs)}")
+    args.max_steps = args.max_steps or DEFAULT_STEPS[args.table]
+    args.num_samples = args.num_samples or DEFAULT_SAMPLES[args.table]
+    out_dir = os.path.join(args.results_dir, f"{args.table}-{args.dataset}")
+    # TF32 matmuls and convolutions on Ampere and newer GPUs, as DiT's train.py and sample.py allow.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    rank, _, device = train.setup_distributed()
+    try:
+        if rank == 0:
+            prepare(args, out_dir, device)
+        barrier()
+        run_legs = [] if args.report_only else (args.legs or list(legs))
+        for leg in run_legs:
+            run_leg(args, leg, out_dir, rank, device)
+        if rank == 0:
+            report = write_table1 if args.table == "table1" else write_table7
+            report(args, out_dir, device)
+        barrier()
+    finally:
+        train.cleanup_distributed()
+
+
+#################################################################################
+#                                    One leg                                    #
+#################################################################################
+
+def data_path(args):
+    return args.data_path or DATA_PATHS[args.dataset]
+
+
+def leg_model(args, leg):
+    """(registry model name, PDE terms or None) of a leg."""
+    if args.table == "table1":
+        return TABLE1_LEGS[leg][1][args.model_scale], None
+    return TABLE7_MODEL[args.model_scale], TABLE7_LEGS[leg][1]
+
+
+def leg_config(args, leg):
+    """
+    Everything that determines a leg's numbers, as result.json stores it (JSON types); a leg whose
+    result.json holds another config is redone.
+    """
+    model, terms = leg_model(args, leg)
+    return dict(model=model, pdessm_terms=terms and list(terms), dataset=args.dataset, data_path=data_path(args),
+                image_size=args.image_size, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
+                lr=args.lr, ema_decay=args.ema_decay, seed=args.seed, precision=precision(args),
+                num_samples=args.num_samples, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
+                cfg_scale=args.cfg_scale, mse_images=args.mse_images, ref_split=args.ref_split,
+                classifier=args.classifier if args.dataset == "fashion-mnist" else None)
+
+
+def precision(args):
+    return args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
+
+
+def train_flags(args, leg, run_dir):
+    """train.py's flags for a leg: the shared recipe, a pinned run folder and automatic resume."""
+    model, terms = leg_model(args, leg)
+    flags = ["--model", model, "--dataset", args.dataset, "--data-path", data_path(args), "--run-dir", run_dir,
+             "--resume", "auto", "--image-size", str(args.image_size), "--max-steps", str(args.max_steps),
+             "--global-batch-size", str(args.global_batch_size), "--lr", str(args.lr),
+             "--ema-decay", str(args.ema_decay), "--global-seed", str(args.seed), "--precision", precision(args),
+             "--num-workers", str(args.num_workers), "--log-every", str(args.log_every),
+             "--ckpt-every", str(args.ckpt_every), "--sample-every", "0"]
+    if terms is not None:
+        flags += ["--pdessm-terms", *terms]
+    if args.eval_every:  # Figure 3's FID proxy, on the feature network and reference of the internal FID
+        features, weights = feature_network(args)
+        flags += ["--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples),
+                  "--eval-ref", data_path(args), "--eval-split", args.ref_split, "--eval-features", features]
+        flags += ["--eval-weights", weights] if weights else []
+    if args.compile:
+        flags.append("--compile")
+    return flags
+
+
+def sample_flags(args, ckpt, run_dir):
+    """sample_ddp.py's flags: the same sampler, count, labels and noise seeds for every leg."""
+    return ["--ckpt", ckpt, "--sample-dir", os.path.join(run_dir, "samples"), "--num-samples", str(args.num_samples),
+            "--per-proc-batch-size", str(args.eval_batch_size), "--cfg-scale", str(args.cfg_scale),
+            "--sampler", args.sampler, "--num-sampling-steps", str(args.num_sampling_steps),
+            "--global-seed", str(args.seed)]
+
+
+def run_leg(args, leg, out_dir, rank, device):
+    """Train (or resume), sample and evaluate one leg unless its result.json matches the flags."""
+    run_dir = os.path.join(out_dir, leg)
+    result_path = os.path.join(run_dir, "result.json")
+    config = leg_config(args, leg)
+    done = read_json(result_path)
+    if done is not None and done["config"] == config:
+        if rank == 0:
+            print(f"[{args.table}] {leg}: done already ({result_path}); skipped")
+        return
+    ckpt = checkpoint.checkpoint_path(run_dir, args.max_steps)
+    if not os.path.isfile(ckpt):
+        if device.type == "cuda":  # train.py logs the peak since this reset: this leg's, not an earlier leg's
+            torch.cuda.reset_peak_memory_stats(device)
+        train.main(train.parse_args(train_flags(args, leg, run_dir)))
+    if args.train_only:
+        if rank == 0:
+            print(f"[{args.table}] {leg}: trained {config['model']} to step {args.max_steps} in {run_dir}/ "
+                  "(checkpoints/, metrics.jsonl, log.txt); sampling and evaluation left for a call without --train-only")
+        return
+    if not os.path.isfile(ckpt):
+        raise ValueError(f"{run_dir} has no checkpoint at step {args.max_steps} (it was trained past it, or "
+                         "stopped by --epochs); pass the --max-steps of its newest checkpoint, or another --results-dir")
+    npz = sample_ddp.main(sample_ddp.parse_args(sample_flags(args, ckpt, run_dir)))
+    if rank == 0:
+        metrics = (evaluate_table1_leg if args.table == "table1" else evaluate_table7_leg)(args, ckpt, npz, device)
+        write_json(result_path, {"leg": leg, "config": config, "checkpoint": ckpt, "samples": npz,
+                                 "training": training_summary(run_dir), **metrics})
+        print(f"[{args.table}] {leg}: trained {config['model']} for {args.max_steps} steps in {run_dir}/ "
+              f"(checkpoints/, metrics.jsonl, log.txt), sampled {args.num_samples} images to {npz}, "
+              f"wrote its metrics to {result_path}")
+    barrier()
+
+
+#################################################################################
+#                                   Evaluation                                  #
+#################################################################################
+
+def held_out_images(args, count=None):
+    """The first `count` (default all) test images (N, C, H, W) in [-1, 1] at training size, and labels (N,)."""
+    dataset = datasets.build_dataset(args.dataset, data_path(args), args.image_size, split="test")
+    items = [dataset[i] for i in range(len(dataset) if count is None else min(count, len(dataset)))]
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+
+@functools.lru_cache(maxsize=1)
+def inception_available():
+    """Whether Inception's weights are in torch hub's cache (or can be fetched); says why not, once."""
+    try:
+        evaluate.ensure_inception_weights()
+        return True
+    except FileNotFoundError as e:
+        print(f"Inception FID skipped: {e}")
+        return False
+
+
+def evaluate_table1_leg(args, ckpt, npz, device):
+    """#Params, MSE (paper's eval), Inception FID where possible, and on Fashion-MNIST FID-FMNIST and class accuracy."""
+    model, _ = checkpoint.load_model(ckpt, device)
+    images, labels = held_out_images(args, args.mse_images)
+    mse = flow.eval_mse(model, images, labels if model.num_classes else None, seed=args.seed,
+                        batch_size=args.eval_batch_size)
+    metrics = {"params": sum(p.numel() for p in model.parameters() if p.requires_grad), "mse": mse,
+               "inception": None, "fmnist": None}
+    options = dict(split=args.ref_split, batch_size=args.eval_batch_size, seed=args.seed, device=str(device))
+    if inception_available():
+        metrics["inception"] = evaluate.evaluate(npz, data_path(args), features="inception", **options)
+    if args.dataset == "fashion-mnist":
+        metrics["fmnist"] = evaluate.evaluate(npz, data_path(args), features="fmnist", weights=args.classifier,
+                                              **options)
+    return metrics
+
+
+def evaluate_table7_leg(args, ckpt, npz, device):
+    """Table 7's FID: 64 features (Fashion-MNIST classifier, else Inception) of the samples against the reference."""
+    features, weights = feature_network(args)
+    fid = evaluate.fid_proxy(evaluate.load_images(npz), data_path(args), features=features,
+                             feature_dim=TABLE7_FEATURE_DIM, split=args.ref_split, weights=weights,
+                             batch_size=args.eval_batch_size, device=str(device))
+    return {"fid": fid, "features": f"{features}-{TABLE7_FEATURE_DIM}"}
+
+
+def training_summary(run_dir):
+    """Median seconds per step and peak GPU memory (GB, None on CPU) over a run's metrics.jsonl records."""
+    records = [r for r in read_metrics(run_dir) if r.get("steps_per_sec")]
+    memory = [r["mem_gb"] for r in records if r.get("mem_gb") is not None]
+    return {"sec_per_step": statistics.median(1 / r["steps_per_sec"] for r in records) if records else None,
+            "peak_mem_gb": max(memory) if memory else None}
+
+
+def feature_network(args):
+    """(features, weights) of the FIDs: our classifier on Fashion-MNIST, Inception elsewhere."""
+    if args.dataset == "fashion-mnist":
+        return "fmnist", args.classifier
+    return "inception", None
+
+
+def prepare(args, out_dir, device):
+    """
+    Before any leg: the Fashion-MNIST classifier (trained on first use, a few minutes) and the reference
+    statistics the evaluations read (cached by evaluate.py), so that legs in parallel processes only read
+    them; for table1 also the internal FID.
+    """
+    if args.dataset == "fashion-mnist":
+        fmnist_classifier.ensure_classifier(args.classifier, data_path(args), device=device)
+    if args.table == "table1":
+        internal_fid(args, out_dir, device)
+    else:
+        features, weights = feature_network(args)
+        extractor = evaluate.build_extractor(features, TABLE7_FEATURE_DIM, weights, str(device))
+        evaluate.reference_statistics(data_path(args), extractor, args.ref_split, args.eval_batch_size)
+
+
+def internal_fid(args, out_dir, device):
+    """
+    FID between the train and the test split (the floor of Figure 3) on the FID feature network, kept in
+    <out_dir>/internal_fid.json after the first call; None for Inception without its weights.
+    """
+    path = os.path.join(out_dir, "internal_fid.json")
+    cached = read_json(path)
+    if cached is not None and cached["data_path"] == data_path(args):
+        return cached["fid"]
+    features, weights = feature_network(args)
+    if features == "inception" and not inception_available():
+        return None
+    extractor = evaluate.build_extractor(features, None, weights, str(device))
+    train_stats, test_stats = (evaluate.reference_statistics(data_path(args), extractor, split, args.eval_batch_size,
+                                                             with_features=False)[0] for split in ("train", "test"))
+    fid = evaluate.frechet_distance(train_stats["mu"], train_stats["sigma"], test_stats["mu"], test_stats["sigma"])
+    write_json(path, {"fid": fid, "features": evaluate.feature_net_name(extractor), "data_path": data_path(args),
+                      "between": "train and test split"})
+    return fid
+
+
+#################################################################################
+#                                Tables and figures                             #
+#################################################################################
+
+def write_table1(args, out_dir, device):
+    """table.md and table.json in Table 1's layout, samples.png (Figure 2) and curves.png (Figure 3)."""
+    results = {leg: read_json(os.path.join(out_dir, leg, "result.json")) for leg in TABLE1_LEGS}
+    features, _ = feature_network(args)
+    floor = internal_fid(args, out_dir, device)
+    header = ["Method", "#Params (M)", "MSE ↓", "FID ↓", "FID-FMNIST ↓", "Class acc. ↑", "Step time (s/step)",
+              "Peak mem (GB)", "Steps"]
+    rows = []
+    for leg, (label, _) in TABLE1_LEGS.items():
+        r = results[leg]
+        if r is None:
+            rows.append([label] + ["not run yet"] + [""] * (len(header) - 2))
+            continue
+        fmnist = r["fmnist"]
+        rows.append([label, f"{r['params'] / 1e6:.1f}", f"{r['mse']:.3e}",
+                     f"{r['inception']['fid']:.3g}" if r["inception"] else "n/a (no Inception weights)",
+                     f"{fmnist['fid']:.3g}" if fmnist else "n/a (Fashion-MNIST only)",
+                     f"{100 * fmnist['class_accuracy']['accuracy']:.1f}%" if fmnist else "n/a (Fashion-MNIST only)",
+                     fmt(r["training"]["sec_per_step"], "{:.4f}"), fmt(r["training"]["peak_mem_gb"], "{:.2f}", "n/a (CPU)"),
+                     str(r["config"]["max_steps"])])
+    first = next((r["config"] for r in results.values() if r is not None), None)
+    lines = [f"# Table 1 on {args.dataset}", "", markdown_table(header, rows), ""]
+    if first is not None:
+        lines += [f"Recipe: batch {first['global_batch_size']}, lr {first['lr']:g}, EMA {first['ema_decay']:g}, "
+                  f"{first['image_size']} px, {first['precision']}, seed {first['seed']}. Sampling: "
+                  f"{first['num_samples']} samples, {first['sampler']} with {first['num_sampling_steps']} steps, "
+                  f"cfg scale {first['cfg_scale']:g}, labels i % 10. MSE: flow.eval_mse on {first['mse_images']} "
+                  f"test images (EMA weights). FIDs against the {first['ref_split']} split"
+                  + ("; FID-FMNIST on the 64 features of the Fashion-MNIST classifier, which also gives the class "
+                     "accuracy" if args.dataset == "fashion-mnist" else "")
+                  + ". Step time: the median over the logged training intervals (legs sharing a GPU slow each "
+                    "other down).", ""]
+    if floor is not None:
+        lines += [f"Internal FID ({features} features, train vs test split): {floor:.3g}. The FID proxy of "
+                  "curves.png uses fewer samples, and small-sample FID is biased upwards.", ""]
+    lines += ["Paper (CIFAR-10, 400K steps), for reference:", "",
+              markdown_table(["Method", "#Params (M)", "MSE ↓", "FID (50K) ↓"],
+                             [[TABLE1_LEGS[leg][0], f"{p:.1f}", f"{m:.2e}", f"{f:.2f}"]
+                              for leg, (p, m, f) in PAPER_TABLE1.items()]), ""]
+    write_text(os.path.join(out_dir, "table.md"), "\n".join(lines))
+    write_json(os.path.join(out_dir, "table.json"), {"results": results, "internal_fid": floor, "features": features})
+    written = [os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.json")]
+
+    finished = {leg: r for leg, r in results.items() if r is not None}
+    if finished:
+        path = os.path.join(out_dir, "samples.png")
+        plot_sample_panels(args, finished, path)
+        written.append(path)
+    runs = [leg for leg in TABLE1_LEGS if os.path.isfile(os.path.join(out_dir, leg, "metrics.jsonl"))]
+    if runs:
+        path = os.path.join(out_dir, "curves.png")
+        plot_curves([os.path.join(out_dir, leg) for leg in runs], path,
+                    labels=[TABLE1_LEGS[leg][0] for leg in runs], internal_fid=floor)
+        written.append(path)
+    print(f"[table1] {len(finished)} of {len(TABLE1_LEGS)} legs finished; wrote {', '.join(written)}")
+
+
+def write_table7(args, out_dir, device):
+    """table7.md and table7.json: one row of FIDs across the six variants, the paper's layout."""
+    results = {leg: read_json(os.path.join(out_dir, leg, "result.json")) for leg in TABLE7_LEGS}
+    labels = [label for label, _ in TABLE7_LEGS.values()]
+    ours = [f"{r['fid']:.3f}" if r else "not run yet" for r in results.values()]
+    first = next((r for r in results.values() if r is not None), None)
+    name = f"FID ({first['features']}, {first['config']['num_samples']} samples)" if first else "FID"
+    lines = [f"# Table 7 (PDE-term ablation) on {args.dataset}", "",
+             markdown_table([""] + labels, [[name] + ours]), ""]
+    if first is not None:
+        config = first["config"]
+        lines += [f"{config['model']}, {config['max_steps']} steps at batch {config['global_batch_size']}, "
+                  f"lr {config['lr']:g}, seed {config['seed']}; {config['sampler']} with "
+                  f"{config['num_sampling_steps']} steps, cfg scale {config['cfg_scale']:g}; FID against the "
+                  f"{config['ref_split']} split. A removed term is zero and frozen.", ""]
+    lines += ["Paper (Oxford-Flowers, 60K steps, 64 features, 256 samples), for reference:", "",
+              markdown_table([""] + labels, [["FID"] + [f"{v:.3f}" for v in PAPER_TABLE7.values()]]), ""]
+    write_text(os.path.join(out_dir, "table7.md"), "\n".join(lines))
+    write_json(os.path.join(out_dir, "table7.json"), {"results": results, "columns": labels})
+    done = sum(r is not None for r in results.values())
+    print(f"[table7] {done} of {len(TABLE7_LEGS)} variants finished; wrote {os.path.join(out_dir, 'table7.md')} "
+          f"and {os.path.join(out_dir, 'table7.json')}")
+
+
+def plot_sample_panels(args, results, out, count=50):
+    """
+    Figure 2: real test images beside each finished leg's first `count` samples, one grid per panel with
+    ten columns, so column k holds class k (sample i has label i % 10) in every panel.
+    """
+    images, labels = held_out_images(args)
+    count = min(count, min(r["config"]["num_samples"] for r in results.values()))
+    by_class = [np.flatnonzero(labels.numpy() == k) for k in range(10)]
+    real = sample.to_uint8(images[[by_class[i % 10][i // 10] for i in range(count)]])
+    panels = [("real", real)] + [(TABLE1_LEGS[leg][0], evaluate.load_images(r["samples"])[:count])
+                                 for leg, r in results.items()]
+    rows = -(-count // 10)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 0.33 * rows + 0.5), squeeze=False)
+    for ax, (title, grid_images) in zip(axes[0], panels):
+        grid = make_grid(torch.from_numpy(grid_images).permute(0, 3, 1, 2), nrow=10, padding=1, pad_value=255)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(title)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def fmt(value, spec, missing="n/a"):
+    return missing if value is None else spec.format(value)
+
+
+#################################################################################
+#                                     Files                                     #
+#################################################################################
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_text(path, text):
+    """Write via a temporary file and a rename: parallel processes (--legs) never see half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=["table1", "table7"], help="which comparison of the paper to reproduce")
+    parser.add_argument("--dataset", type=str, choices=list(DATA_PATHS), default="fashion-mnist",
+                        help="Fashion-MNIST (Debian package dataset-fashion-mnist) or CIFAR-10 (the paper's Table 1)")
+    parser.add_argument("--data-path", type=str, default=None,
+                        help=f"folder with the data (default: {DATA_PATHS['fashion-mnist']} for fashion-mnist, "
+                             f"{DATA_PATHS['cifar10']} for cifar10)")
+    parser.add_argument("--results-dir", type=str, default=os.path.join("results", "reproduce"),
+                        help="the study goes to <results-dir>/<table>-<dataset>/")
+    parser.add_argument("--legs", type=str, nargs="+", default=None,
+                        help=f"run only these legs (table1: {', '.join(TABLE1_LEGS)}; table7: {', '.join(TABLE7_LEGS)}); "
+                             "default all")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the legs to --max-steps and stop: for the intermediate commands of a study "
+                             "cut into short commands, whose last command samples and evaluates")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: prepare the shared caches and write the table from the finished legs")
+    parser.add_argument("--model-scale", type=str, choices=["paper", "tiny"], default="paper",
+                        help="paper: DiT-S/2, UNet-S, PDESSM-DiT-S/2 (Table 6); tiny: DiT-T/2, UNet-T, "
+                             "PDESSM-DiT-T/2 for CPU demos and tests")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps per leg (default: the paper's 400,000 for table1, 60,000 for table7); "
+                             "raising it on a later call continues the legs")
+    parser.add_argument("--global-batch-size", type=int, default=64, help="batch over all processes (Table 6: 64)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (Table 6: 5e-4)")
+    parser.add_argument("--ema-decay", type=float, default=0.9999,
+                        help="EMA decay per step (DiT's 0.9999, meant for 400K steps: after S steps the EMA "
+                             "still holds decay^S of the initial weights, so use about 0.999 for runs of 20K steps)")
+    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (Table 6: 32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of every leg's initialization, data order, sampling noise and MSE noise")
+    parser.add_argument("--precision", type=str, choices=list(train.AMP_DTYPES), default=None,
+                        help="training autocast precision (default: bf16 on a GPU, fp32 on the CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the models during training")
+    parser.add_argument("--num-workers", type=int, default=4, help="data loader workers per training process")
+    parser.add_argument("--log-every", type=int, default=100, help="training steps between log lines and metrics records")
+    parser.add_argument("--ckpt-every", type=int, default=2000,
+                        help="training steps between checkpoints: the most a killed command loses")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="training steps between FID-proxy evaluations (train.py --eval-every; 0: none), "
+                             "plotted in curves.png against the internal FID")
+    parser.add_argument("--eval-samples", type=int, default=1000,
+                        help="samples of each FID-proxy evaluation (compare proxies only at equal counts)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="samples per leg (default 10,000 for table1, compared with the 10,000 test images; "
+                             "the paper's FID uses 50,000; 256 for table7, as the paper)")
+    parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
+    parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--eval-batch-size", type=int, default=250,
+                        help="images per forward batch when sampling (per process) and evaluating")
+    parser.add_argument("--mse-images", type=int, default=10_000,
+                        help="test images for the MSE of the paper's Table 1 (default: the whole test split)")
+    parser.add_argument("--ref-split", type=str, choices=["train", "test"], default="test",
+                        help="split the samples are compared with for FID")
+    parser.add_argument("--classifier", type=str, default=fmnist_classifier.DEFAULT_CHECKPOINT,
+                        help="Fashion-MNIST classifier (FID-FMNIST, class accuracy); trained here if missing")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, FileNotFoundError) as e:  # user errors: the message, not a traceback
+        raise SystemExit(f"reproduce.py: error: {e}")

@@ -1,0 +1,113 @@
+"""
+Sample many images from a train.py checkpoint in parallel, for FID and the other metrics of evaluate.py.
+
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-PDESSM-DiT-S-2/checkpoints/0400000.pt
+
+Sample i gets class label i % num_classes and noise seeded by (--global-seed, i), so the set does not
+depend on the number of processes. Batches are fixed blocks of indices, dealt round-robin to the
+ranks; a block whose PNGs all exist is skipped, so an interrupted run resumes where it stopped and
+produces exactly what one uninterrupted run would. Writes <sample-dir>/<name>/<index:06d>.png and
+<sample-dir>/<name>.npz with "arr_0" uint8 (N, H, W, C) (ADM's format) and, for a class-conditional
+model, the labels int64 (N,) as "arr_1" and "labels".
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import flow
+import sample
+from train import cleanup_distributed, setup_distributed
+
+
+def sample_noise(seed, indices, noise_shape):
+    """Noise (len(indices), *noise_shape) where row k depends only on (seed, indices[k])."""
+    return torch.stack([torch.randn(noise_shape, generator=torch.Generator().manual_seed(sample.seed_for(seed, i)))
+                        for i in indices])
+
+
+def png_path(folder, index):
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def save_png(array, path):
+    """Write one uint8 (H, W, C) image; the rename makes a half-written PNG impossible to mistake for a done one."""
+    tmp = path + ".tmp"
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_png(path):
+    """One PNG as uint8 (H, W, C), C = 1 for grayscale."""
+    array = np.array(Image.open(path))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def main(args):
+    """Sample, save the PNGs and the npz; returns the npz path."""
+    joined_before = dist.is_initialized()
+    rank, world_size, device = setup_distributed()
+    try:
+        model, vae, state, noise_shape = sample.load_sampling_model(args.ckpt, device, args.vae_path)
+        num_classes = model.num_classes
+        if num_classes == 0 and args.cfg_scale != 1.0:
+            raise ValueError(f"the model is unconditional (num_classes=0): pass --cfg-scale 1, got {args.cfg_scale}")
+        run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
+        name = (f"{run}-{state['step']:07d}-{args.sampler}-{args.num_sampling_steps}-cfg-{args.cfg_scale:g}"
+                f"-seed-{args.global_seed}")
+        folder = os.path.join(args.sample_dir, name)
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+            existing = sum(os.path.isfile(png_path(folder, i)) for i in range(args.num_samples))
+        if dist.is_initialized():
+            dist.barrier()
+
+        blocks = [range(s, min(s + args.per_proc_batch_size, args.num_samples))
+                  for s in range(0, args.num_samples, args.per_proc_batch_size)][rank::world_size]
+        for block in tqdm(blocks, desc=f"sampling {name}", disable=rank != 0, dynamic_ncols=True):
+            missing = [i for i in block if not os.path.isfile(png_path(folder, i))]
+            if not missing:
+                continue
+            labels = torch.tensor([i % num_classes for i in block], device=device) if num_classes else None
+            z = sample_noise(args.global_seed, block, noise_shape).to(device)
+            images = sample.to_uint8(sample.generate(model, z, labels, args.cfg_scale, args.sampler,
+                                                     args.num_sampling_steps, vae))
+            for i in missing:
+                save_png(images[i - block.start], png_path(folder, i))
+        if dist.is_initialized():
+            dist.barrier()
+
+        if rank == 0:
+            arrays = {"arr_0": np.stack([load_png(png_path(folder, i)) for i in range(args.num_samples)])}
+            if num_classes:
+                arrays["arr_1"] = arrays["labels"] = np.arange(args.num_samples, dtype=np.int64) % num_classes
+            np.savez(folder + ".npz", **arrays)
+            print(f"Kept {existing} existing and wrote {args.num_samples - existing} new samples in {folder}/; "
+                  f"saved {folder}.npz with arr_0 uint8 {arrays['arr_0'].shape}"
+                  + (f" and labels int64 ({args.num_samples},) as arr_1 and labels" if num_classes else ""))
+        return folder + ".npz"
+    finally:
+        cleanup_distributed(joined_before)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=str, required=True, help="checkpoint written by train.py (its EMA weights are used)")
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="local VAE folder for a latent-space checkpoint (default: the VAE it was trained with)")
+    parser.add_argument("--sample-dir", type=str, default="samples", help="where the sample folder and .npz go")
+    parser.add_argument("--num-samples", type=int, default=50_000, help="number of samples (50K for FID)")
+    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per forward batch on each process")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (DiT's FID setting)")
+    parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
+    parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of the per-sample noise")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,155 @@
+"""reproduce.py end to end on a tiny Fashion-MNIST-format dataset with the tiny model configs: Table 1
+with all three rows, skipping finished legs, continuing a leg when --max-steps grows, and Table 7."""
+import glob
+import gzip
+import os
+import re
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+import fmnist_classifier
+import models
+import reproduce
+from pde_ssm import PDESSM
+
+NUM_TEST = 80
+# 8 px images, 2 steps at batch 8, 70 samples (FID needs more than its 64 features) with one Euler step.
+TINY = ["--model-scale", "tiny", "--image-size", "8", "--global-batch-size", "8", "--num-workers", "0",
+        "--log-every", "1", "--ckpt-every", "100", "--num-samples", "70", "--sampler", "euler",
+        "--num-sampling-steps", "1", "--mse-images", str(NUM_TEST), "--eval-batch-size", "80"]
+
+
+def write_idx_gz(path, array):
+    """A gzipped IDX file of uint8 data: bytes 0, 0, type code 0x08, ndim, then big-endian dims and the data."""
+    with gzip.open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """
+    Fashion-MNIST's four IDX files with 100 train and 80 test images (class k: a bar at row 2 + 2k) and
+    an untrained tiny classifier. The test split has a mid-gray background and the train split a black
+    one, so the MSE tells which split it was measured on.
+    """
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for prefix, count, background in (("train", 100, 0), ("t10k", NUM_TEST, 128)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        images = (background + rng.integers(0, 20, (count, 28, 28))).astype(np.uint8)
+        for image, k in zip(images, labels):
+            image[2 + 2 * k: 6 + 2 * k, 4:24] = 250
+        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    torch.manual_seed(0)
+    classifier = str(folder / "classifier.pt")
+    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)), classifier,
+                                      test_accuracy=0.0)
+    return str(folder), classifier
+
+
+def run(table, data, results_dir, *flags, monkeypatch):
+    # No Inception weights here: the offline switch makes evaluate.py say so at once instead of trying the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reproduce.inception_available.cache_clear()
+    folder, classifier = data
+    reproduce.main(reproduce.parse_args([table, "--data-path", folder, "--classifier", classifier,
+                                         "--results-dir", str(results_dir), *TINY, *flags]))
+    return os.path.join(results_dir, f"{table}-fashion-mnist")
+
+
+def table_rows(path):
+    """{first cell: [cells]} of the first Markdown table in a file."""
+    rows = {}
+    for line in open(path).read().split("\n\n")[1].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def leg_mtimes(out, legs=("dit", "unet", "pdessm-dit")):
+    """{path: mtime} of every file in the leg folders (the tables and figures are rewritten on every call)."""
+    return {path: os.stat(path).st_mtime_ns for leg in legs
+            for path in glob.glob(os.path.join(out, leg, "**", "*"), recursive=True) if os.path.isfile(path)}
+
+
+def test_report_only_writes_an_empty_table_and_trains_nothing(tmp_path, data, monkeypatch):
+    out = run("table1", data, tmp_path, "--report-only", monkeypatch=monkeypatch)
+    rows = table_rows(os.path.join(out, "table.md"))
+    assert list(rows) == ["DiT", "U-Net", "PDE-SSM-DiT"]
+    assert all(cells[0] == "not run yet" for cells in rows.values())
+    assert sorted(os.listdir(out)) == ["internal_fid.json", "table.json", "table.md"]
+
+
+def test_table1_three_rows_skip_finished_legs_and_continue_one(tmp_path, data, monkeypatch, capsys):
+    # EMA decay 1 keeps the EMA at the initial weights, where a DiT predicts exactly zero (adaLN-Zero):
+    # its MSE is then E||x1 - x0||^2 per pixel = mean(x1^2) + 1 over the test images.
+    out = run("table1", data, tmp_path, "--max-steps", "2", "--ema-decay", "1", monkeypatch=monkeypatch)
+    rows = table_rows(os.path.join(out, "table.md"))
+    assert list(rows) == ["DiT", "U-Net", "PDE-SSM-DiT"]
+    folder, _ = data
+    test_x = torch.stack([x for x, _ in datasets.build_dataset("fashion-mnist", folder, 8, split="test")])
+    for label, model in (("DiT", "DiT-T/2"), ("U-Net", "UNet-T"), ("PDE-SSM-DiT", "PDESSM-DiT-T/2")):
+        params, mse, fid, fid_fmnist, accuracy, step_time, memory, steps = rows[label]
+        net = models.build_model(model, input_size=8, in_channels=1, num_classes=10, learn_sigma=False)
+        assert float(params) == pytest.approx(sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6,
+                                              abs=0.05)
+        if label != "U-Net":
+            assert float(mse) == pytest.approx(test_x.pow(2).mean().item() + 1, abs=0.06)
+        assert fid == "n/a (no Inception weights)" and float(fid_fmnist) >= 0
+        assert 0 <= float(accuracy.rstrip("%")) <= 100
+        assert float(step_time) > 0 and memory == "n/a (CPU)" and steps == "2"
+    assert test_x.pow(2).mean() < 0.5  # the gray test split, not the black train split (mean(x1^2) near 1)
+    for name in ("samples.png", "curves.png", "table.json", "internal_fid.json"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    samples = np.load(reproduce.read_json(os.path.join(out, "dit", "result.json"))["samples"])
+    assert samples["arr_0"].shape == (70, 8, 8, 1)
+
+    # The same command again: every leg is done, nothing is retrained, resampled or re-evaluated.
+    before = leg_mtimes(out)
+    capsys.readouterr()
+    run("table1", data, tmp_path, "--max-steps", "2", "--ema-decay", "1", monkeypatch=monkeypatch)
+    assert capsys.readouterr().out.count("done already") == 3
+    assert leg_mtimes(out) == before
+
+    # More steps for one leg: it continues from its checkpoint; the other legs stay as they were.
+    others = leg_mtimes(out, ("unet", "pdessm-dit"))
+    run("table1", data, tmp_path, "--max-steps", "4", "--ema-decay", "1", "--legs", "dit", monkeypatch=monkeypatch)
+    dit = os.path.join(out, "dit")
+    assert sorted(os.listdir(os.path.join(dit, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+    assert re.search(r"Resumed from .*0000002\.pt at step 2", open(os.path.join(dit, "log.txt")).read())
+    assert [r["step"] for r in reproduce.read_metrics(dit) if "loss" in r] == [1, 2, 3, 4]
+    rows = table_rows(os.path.join(out, "table.md"))
+    assert (rows["DiT"][-1], rows["U-Net"][-1], rows["PDE-SSM-DiT"][-1]) == ("4", "2", "2")
+    assert leg_mtimes(out, ("unet", "pdessm-dit")) == others
+
+
+def test_table7_six_variants_with_removed_terms_frozen(tmp_path, data, monkeypatch, capsys):
+    out = run("table7", data, tmp_path, "--max-steps", "1", monkeypatch=monkeypatch)
+    capsys.readouterr()
+    run("table7", data, tmp_path, "--max-steps", "1", monkeypatch=monkeypatch)
+    assert capsys.readouterr().out.count("done already") == 6
+    text = open(os.path.join(out, "table7.md")).read()
+    header = text.split("\n\n")[1].splitlines()[0]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == [
+        "Baseline", "Diffusion + Reaction", "Diffusion + Convection", "Convection", "Diffusion", "Reaction"]
+    (name, cells), = table_rows(os.path.join(out, "table7.md")).items()
+    assert name.startswith("FID (fmnist-64, 70 samples)") and len(cells) == 6 and all(float(c) >= 0 for c in cells)
+    # The diffusion-only variant was trained with convection and reaction removed: zero buffers, not parameters.
+    result = reproduce.read_json(os.path.join(out, "diffusion", "result.json"))
+    model, _ = reproduce.checkpoint.load_model(result["checkpoint"], "cpu")
+    mixers = [m for m in model.modules() if isinstance(m, PDESSM)]
+    assert mixers and all(m.terms == ("diffusion",) for m in mixers)
+    for mixer in mixers:
+        parameters = dict(mixer.named_parameters())
+        assert "b" not in parameters and "r" not in parameters and "chol" in parameters
+        assert not mixer.b.any() and not mixer.r.any()
+
+
+def test_unknown_leg_is_a_clear_error(tmp_path, data, monkeypatch):
+    with pytest.raises(ValueError, match="unknown legs.*choose from dit, unet, pdessm-dit"):
+        run("table1", data, tmp_path, "--legs", "transformer", monkeypatch=monkeypatch)

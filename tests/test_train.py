@@ -1,0 +1,182 @@
+"""train.py: exact resume, atomic and validated checkpoints, clear failures, and DDP with a dying worker."""
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "DiT-T/4", "--image-size", "8", "--global-batch-size", "8", "--num-workers", "0",
+        "--log-every", "1", "--sample-every", "0", "--ema-decay", "0.9", "--lr", "1e-3", "--ckpt-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def npz_data(tmp_path_factory):
+    """20 random RGB 8x8 images in 10 classes: 2 batches of 8 per epoch, so 6 steps cross 3 epochs."""
+    path = tmp_path_factory.mktemp("data") / "images.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), labels=np.arange(20) % 10)
+    return str(path)
+
+
+def run(run_dir, *flags, data=None):
+    data_flags = ["--dataset", "npz", "--data-path", data] if data else []
+    return train.main(train.parse_args(TINY + data_flags + ["--run-dir", str(run_dir), *flags]))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, npz_data):
+    """6 uninterrupted steps, checkpoints at 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run(run_dir, "--max-steps", "6", data=npz_data)
+    return run_dir
+
+
+def fingerprint(folder):
+    """{path: (sha256, mtime)} of every file under folder, to prove nothing was touched."""
+    return {p: (hashlib.sha256(open(p, "rb").read()).hexdigest(), os.stat(p).st_mtime_ns)
+            for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p)}
+
+
+def assert_same_state(a, b):
+    for key in ("model", "ema"):
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+    for p, q in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        for name in p:
+            torch.testing.assert_close(p[name], q[name], rtol=0, atol=0)
+    assert (a["step"], a["epoch"], a["batch_in_epoch"]) == (b["step"], b["epoch"], b["batch_in_epoch"])
+
+
+def step_losses(run_dir):
+    """{step: logged loss} from a run's metrics.jsonl (log-every 1: one record per step)."""
+    records = map(json.loads, open(os.path.join(run_dir, "metrics.jsonl")))
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_resume_continues_exactly(tmp_path, npz_data, straight_run):
+    run(tmp_path, "--max-steps", "3", data=npz_data)
+    mid = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 3))
+    assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (3, 1, 1)  # resumes mid-epoch
+    run(tmp_path, "--max-steps", "6", "--resume", "auto", data=npz_data)
+
+    full = checkpoint.load_checkpoint(checkpoint.checkpoint_path(straight_run, 6))
+    resumed = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6))
+    assert full["step"] == 6 and full["epoch"] == 2 and full["batch_in_epoch"] == 2
+    assert not torch.equal(mid["model"]["final_layer.linear.weight"], full["model"]["final_layer.linear.weight"])
+    assert_same_state(full, resumed)
+    # The losses of steps 4..6 agree too: data order, noise, times and label dropout continued.
+    full_losses, resumed_losses = step_losses(straight_run), step_losses(tmp_path)
+    assert [resumed_losses[s] for s in (4, 5, 6)] == [full_losses[s] for s in (4, 5, 6)]
+
+
+def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path, npz_data, straight_run):
+    os.makedirs(tmp_path / "checkpoints")
+    shutil.copy(checkpoint.checkpoint_path(straight_run, 3), checkpoint.checkpoint_path(tmp_path, 3))
+    good = open(checkpoint.checkpoint_path(straight_run, 6), "rb").read()
+    with open(checkpoint.checkpoint_path(tmp_path, 6), "wb") as f:
+        f.write(good[: len(good) // 2])
+
+    with pytest.warns(UserWarning) as warned:
+        run(tmp_path, "--max-steps", "6", "--resume", "auto", data=npz_data)
+    messages = [str(w.message) for w in warned]
+    assert any("skipping" in m and "0000006.pt" in m for m in messages)
+    assert any("0000006.pt existed and was moved to" in m for m in messages)
+    assert_same_state(checkpoint.load_checkpoint(checkpoint.checkpoint_path(straight_run, 6)),
+                      checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6)))
+    kept = glob.glob(str(tmp_path / "checkpoints" / "0000006.pt.*.bak"))
+    assert len(kept) == 1 and open(kept[0], "rb").read() == good[: len(good) // 2]  # moved aside, not deleted
+
+
+def test_bad_resume_fails_and_touches_nothing(tmp_path, npz_data, straight_run):
+    before = fingerprint(straight_run)
+    ckpt6 = checkpoint.checkpoint_path(straight_run, 6)
+    with pytest.raises(ValueError, match="model: checkpoint 'DiT-T/4', flags 'DiT-T/2'"):
+        run(straight_run, "--resume", ckpt6, "--model", "DiT-T/2", data=npz_data)
+    with pytest.raises(ValueError, match="image_size: checkpoint 8, flags 16"):
+        run(straight_run, "--resume", ckpt6, "--image-size", "16", data=npz_data)
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
+        run(straight_run, "--max-steps", "9", data=npz_data)
+
+    truncated = tmp_path / "0000006.pt"
+    truncated.write_bytes(open(ckpt6, "rb").read()[:1000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        run(tmp_path / "run", "--resume", str(truncated), data=npz_data)
+    assert truncated.stat().st_size == 1000 and not (tmp_path / "run").exists()
+    assert fingerprint(straight_run) == before
+
+
+def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch):
+    import evaluate
+    calls = []
+
+    def fake_fid_proxy(images, ref, features, split, weights, device):
+        calls.append((images.shape, images.dtype, ref, features, split, weights))
+        return 10.0 * len(calls)
+
+    monkeypatch.setattr(evaluate, "fid_proxy", fake_fid_proxy)
+    run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-terms", "diffusion", "reaction", "--max-steps", "4",
+        "--eval-every", "2", "--eval-samples", "5", "--eval-ref", "ref.npz", "--eval-features", "fmnist",
+        "--eval-split", "test", "--eval-weights", "clf.pt")
+    assert calls == [((5, 8, 8, 1), np.uint8, "ref.npz", "fmnist", "test", "clf.pt")] * 2
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["fid"]) for r in records if "fid" in r] == [(2, 10.0), (4, 20.0)]
+    state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 4))
+    assert state["model_kwargs"]["pdessm_terms"] == ("diffusion", "reaction")
+    checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 4), "cpu")  # rebuilds with the same terms
+
+    with pytest.raises(ValueError, match="--eval-ref"):
+        run(tmp_path / "other", "--eval-every", "2")
+
+
+def test_missing_data_exits_nonzero_without_files(tmp_path):
+    cmd = [sys.executable, "train.py", *TINY, "--dataset", "npz", "--data-path", str(tmp_path / "missing.npz"),
+           "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "missing.npz not found; pass --data-path" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "mnist"])
+
+
+def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
+    """torchrun, 2 CPU workers (gloo): rank 1 dies at step 3 on the first attempt; the restart resumes
+    from the step-2 checkpoint and finishes at step 6 with identical weights on both ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "train.py", *TINY, "--dataset", "digits", "--max-steps", "6", "--ckpt-every", "2",
+           "--run-dir", str(tmp_path), "--resume", "auto", "--fail-at-step", "3"]
+    # torch shares the rendezvous store with restarted workers, which may then read the dead ones'
+    # addresses; the opt-out gives every restart a fresh store (see train.py's docstring).
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    # A session of its own, so a timeout kills the workers with the launcher instead of orphaning them.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+    log = open(tmp_path / "log.txt").read()
+    assert log.count("Run folder") == 2  # the first attempt and the restart
+    assert "Resumed from" in log and "0000002.pt at step 2" in log
+    steps = sorted(checkpoint.load_checkpoint(p)["step"] for p in glob.glob(str(tmp_path / "checkpoints" / "*.pt")))
+    assert steps == [2, 4, 6]
+    digests = log.split("Weights SHA-256 per rank: ")[-1].split()
+    assert len(digests) == 2 and digests[0] == digests[1]
+    final = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6))
+    model, _ = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 6), "cpu", weights="model")
+    assert train.weights_digest(model) == digests[0] and final["args"]["model"] == "DiT-T/4"

@@ -1,0 +1,425 @@
+"""
+Train DiT or PDE-SSM-DiT with flow matching (paper Eq. 11) using PyTorch DDP.
+
+    python train.py                                            # one process: PDESSM-DiT-S/2 on digits
+    torchrun --nproc_per_node=8 train.py --model PDESSM-DiT-S/2 --dataset imagefolder --data-path ...
+
+A run lives in <results-dir>/<NNN>-<model>/ (or --run-dir): log.txt, metrics.jsonl (one JSON line per
+log interval), checkpoints/<step>.pt and samples/<step>.png.
+
+With `torchrun --max-restarts=K ... --resume auto` a run recovers from a dying worker by itself. Set
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun: by default it hands its rendezvous store, with the
+dead workers' addresses still in it, to the restarted ones, which may then fail to connect.
+"""
+import argparse
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import checkpoint
+import datasets
+import flow
+import models
+import sample
+
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+#################################################################################
+#                             Training Helper Functions                         #
+#################################################################################
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (DiT's EMA)."""
+    for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+        ema_param.mul_(decay).add_(param.detach(), alpha=1 - decay)
+
+
+def setup_distributed():
+    """
+    (rank, world_size, device). Under torchrun (RANK set) this joins the process group, unless a caller
+    (e.g. reproduce.py) already did: NCCL with one GPU per process, gloo on CPU. A plain
+    `python script.py` is rank 0 of 1 with no process group.
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def cleanup_distributed(joined_before=False):
+    """Leave the process group, unless it was joined before setup_distributed (by the caller, who leaves it)."""
+    if dist.is_initialized() and not joined_before:
+        dist.destroy_process_group()
+
+
+def create_logger(run_dir, rank):
+    """Rank 0 logs to stdout and <run_dir>/log.txt (appended, so a resumed run continues it); others stay quiet."""
+    logger = logging.getLogger("train")
+    for handler in logger.handlers[:]:  # a second run in the same process (demo.py) gets fresh handlers
+        handler.close()
+        logger.removeHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if rank == 0:
+        formatter = logging.Formatter("[\033[34m%(asctime)s\033[0m] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(os.path.join(run_dir, "log.txt"))):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose epoch can start after its first start_index indices, so a resumed run
+    skips exactly the batches it already trained on and the data order continues unchanged."""
+    start_index = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self):
+        return self.num_samples - self.start_index
+
+
+def run_name(args):
+    """Folder name of a run: the model with "/" -> "-" (DiT's), plus a mixer override."""
+    return args.model.replace("/", "-") + (f"-{args.mixer}" if args.mixer else "")
+
+
+def pick_run_dir(args):
+    """
+    The run folder: --run-dir; else for an explicit --resume the run holding that file; else for
+    --resume auto the latest run of this model that has checkpoints; else a new numbered folder.
+    """
+    if args.run_dir is not None:
+        return args.run_dir
+    if args.resume not in (None, "auto"):
+        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+    if args.resume == "auto":
+        runs = sorted(glob.glob(os.path.join(args.results_dir, f"[0-9][0-9][0-9]-{glob.escape(run_name(args))}")))
+        for run_dir in reversed(runs):
+            if glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
+                return run_dir
+    index = len(glob.glob(os.path.join(args.results_dir, "*")))
+    return os.path.join(args.results_dir, f"{index:03d}-{run_name(args)}")
+
+
+def check_resumable(state, path, args, model_kwargs):
+    """ValueError when checkpoint `state` was trained with another model, image size or space than the flags."""
+    saved = dict(state["model_kwargs"], model=state["args"]["model"], image_size=state["args"]["image_size"],
+                 space=state["args"]["space"])
+    current = dict(model_kwargs, model=args.model, image_size=args.image_size, space=args.space)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, flags {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"checkpoint {path} does not match the flags ({'; '.join(diffs)}); pass the flags "
+                         "it was trained with, or start a new run with another --run-dir")
+
+
+def weights_digest(model):
+    """SHA-256 of every parameter and buffer, to check that all DDP ranks hold the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+#################################################################################
+#                                  Training Loop                                #
+#################################################################################
+
+def main(args):
+    """Train; returns the run folder."""
+    joined_before = dist.is_initialized()
+    rank, world_size, device = setup_distributed()
+    try:
+        return train(args, rank, world_size, device)
+    finally:
+        cleanup_distributed(joined_before)
+
+
+def train(args, rank, world_size, device):
+    if args.global_batch_size % world_size:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} must be divisible by the world size {world_size}")
+    if args.space == "latent" and args.image_size % 8:
+        raise ValueError(f"--image-size {args.image_size} must be divisible by 8 for the VAE's latent space")
+    local_batch = args.global_batch_size // world_size
+
+    # Data, VAE and checkpoint are checked before anything is written: a wrong flag leaves no files behind.
+    dataset = datasets.build_dataset(args.dataset, args.data_path, args.image_size, download=args.download)
+    latent_data = isinstance(dataset, datasets.LatentDataset)
+    if latent_data and args.space != "latent":
+        raise ValueError(f"{args.data_path} holds VAE latents (from extract_features.py); pass --space latent")
+    classes = getattr(dataset, "classes", None)
+    if args.num_classes > 0 and classes and len(classes) > args.num_classes:
+        raise ValueError(f"the dataset has {len(classes)} classes but --num-classes is {args.num_classes}")
+    # The VAE encodes images on the fly, and decodes the preview grids of latent-space runs.
+    vae = None
+    if args.space == "latent" and (not latent_data or args.sample_every > 0):
+        vae = checkpoint.load_vae(args.vae, args.vae_path, device).requires_grad_(False)
+    in_channels = vae.config.latent_channels if args.space == "latent" and not latent_data else dataset[0][0].shape[0]
+    input_size = args.image_size // 8 if args.space == "latent" else args.image_size
+    model_kwargs = dict(mixer=args.mixer, input_size=input_size, in_channels=in_channels,
+                        num_classes=args.num_classes, learn_sigma=False)
+    if args.pdessm_terms is not None:
+        model_kwargs["pdessm_terms"] = tuple(args.pdessm_terms)
+    if args.eval_every and args.eval_ref is None:
+        raise ValueError("--eval-every needs --eval-ref, the reference images of the FID proxy (see evaluate.py)")
+
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
+    steps_per_epoch = len(sampler) // local_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {len(dataset)} items, fewer than one batch of {local_batch} per process")
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+
+    # Rank 0 picks the run folder (a new one is numbered from what exists) and tells the others.
+    run_dir = [pick_run_dir(args) if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(run_dir, src=0)
+    run_dir = run_dir[0]
+    if args.resume == "auto":
+        resume_path, state = checkpoint.latest_checkpoint(run_dir)
+    elif args.resume is not None:
+        resume_path, state = args.resume, checkpoint.load_checkpoint(args.resume)
+    else:
+        resume_path, state = None, None
+    if state is not None:
+        check_resumable(state, resume_path, args, model_kwargs)
+    elif glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
+        raise ValueError(f"{run_dir} already holds checkpoints{' but none of them loads' if args.resume else ''}; "
+                         "pass --resume auto to continue that run, or another --run-dir")
+
+    if rank == 0:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    logger = create_logger(run_dir, rank)
+    logger.info(f"Run folder {run_dir}; {world_size} process(es) on {device}; "
+                f"{len(dataset):,} {args.dataset} items, {steps_per_epoch} steps per epoch")
+
+    # Model, EMA and optimizer (DiT: AdamW with no weight decay, EMA of the weights after every step).
+    torch.manual_seed(args.global_seed)  # the same initial weights on every rank
+    model = models.build_model(args.model, **model_kwargs, **({"grad_checkpoint": True} if args.grad_checkpoint else {}))
+    ema = deepcopy(model).requires_grad_(False).eval()
+    model.to(device)
+    ema.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    if state is None:
+        step, epoch, batch_in_epoch = 0, 0, 0
+    else:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        if state["scaler"] is not None and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        logger.info(f"Resumed from {resume_path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    logger.info(f"{args.model} parameters: {sum(p.numel() for p in model.parameters()):,}")
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    train_model = torch.compile(ddp) if args.compile else ddp
+    model.train()  # enables label dropout for classifier-free guidance
+    amp_dtype = AMP_DTYPES[args.precision]
+
+    def save(step):
+        if rank == 0:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                     "args": vars(args), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                     "model_kwargs": model_kwargs, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+            path = checkpoint.checkpoint_path(run_dir, step)
+            checkpoint.save_checkpoint(state, path)
+            logger.info(f"Saved checkpoint to {path}")
+        if dist.is_initialized():
+            dist.barrier()
+
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    first_step, log_steps, running_loss, start = step, 0, 0.0, time.time()
+    bar = tqdm(total=args.max_steps, initial=step, desc=run_name(args), disable=rank != 0, dynamic_ncols=True)
+    while step < args.max_steps and epoch < args.epochs:
+        sampler.set_epoch(epoch)
+        sampler.start_index = batch_in_epoch * local_batch
+        batches = iter(loader)
+        for _ in range(len(loader)):
+            if step >= args.max_steps:
+                break
+            if (step == args.fail_at_step and rank == world_size - 1
+                    and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+                os._exit(1)  # fault injection for tests: this worker dies without cleanup
+            # One seed per (rank, step) for flips, noise, t and label dropout: a resumed run draws
+            # exactly what the uninterrupted run would have drawn.
+            torch.manual_seed(sample.seed_for(args.global_seed, rank, step))
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.space == "latent" and not latent_data:
+                x = checkpoint.encode(vae, x)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = flow.training_losses(train_model, x, dict(y=y if args.num_classes > 0 else None),
+                                            t_dist=args.t_dist)["loss"].mean()
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, args.ema_decay)
+
+            step += 1
+            batch_in_epoch += 1
+            log_steps += 1
+            running_loss += loss.item()
+            bar.update(1)
+            if step % args.log_every == 0:
+                log_metrics(logger, metrics_path, rank, device, step, running_loss / log_steps,
+                            log_steps / (time.time() - start), args.global_batch_size, bar)
+                log_steps, running_loss, start = 0, 0.0, time.time()
+            if step % args.ckpt_every == 0:
+                save(step)
+            if args.sample_every and step % args.sample_every == 0 and rank == 0:
+                path = sample.sample_grid(ema, os.path.join(run_dir, "samples", f"{step:07d}.png"),
+                                          (in_channels, input_size, input_size), cfg_scale=args.cfg_scale,
+                                          seed=args.global_seed, vae=vae)
+                logger.info(f"Saved preview samples to {path}")
+            if args.eval_every and step % args.eval_every == 0 and rank == 0:
+                record = dict(step=step, fid=fid_proxy(args, ema, vae, (in_channels, input_size, input_size), local_batch),
+                              fid_samples=args.eval_samples, fid_features=args.eval_features)
+                logger.info(f"(step={step:07d}) FID proxy ({args.eval_samples} samples, {args.eval_features}): "
+                            f"{record['fid']:.3f}")
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    if step > first_step and step % args.ckpt_every:
+        save(step)
+
+    digests = [None] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(digests, weights_digest(model))
+    else:
+        digests = [weights_digest(model)]
+    logger.info(f"Done at step {step}. Weights SHA-256 per rank: {' '.join(digests)}")
+    return run_dir
+
+
+def fid_proxy(args, ema, vae, noise_shape, batch_size):
+    """
+    The training-time FID proxy of the paper's Figure 3: --eval-samples unguided samples of the EMA model
+    (labels i % num_classes, the same noise at every evaluation) against --eval-ref, by evaluate.fid_proxy.
+    """
+    import evaluate  # only runs that evaluate need the feature networks
+    device = next(ema.parameters()).device
+    generator = torch.Generator().manual_seed(args.global_seed)
+    images = []
+    for start in range(0, args.eval_samples, batch_size):
+        indices = torch.arange(start, min(start + batch_size, args.eval_samples))
+        labels = (indices % args.num_classes).to(device) if args.num_classes > 0 else None
+        z = torch.randn(len(indices), *noise_shape, generator=generator).to(device)
+        images.append(sample.to_uint8(sample.generate(ema, z, labels, vae=vae)))
+    return evaluate.fid_proxy(np.concatenate(images), args.eval_ref, args.eval_features, split=args.eval_split,
+                              weights=args.eval_weights, device=device)
+
+
+def log_metrics(logger, metrics_path, rank, device, step, loss, steps_per_sec, global_batch, bar):
+    """Average the loss over ranks, log it with the throughput and peak GPU memory, append to metrics.jsonl."""
+    loss = torch.tensor(loss, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss = loss / dist.get_world_size()
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    record = dict(step=step, loss=loss.item(), steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * global_batch,
+                  mem_gb=mem)
+    logger.info(f"(step={step:07d}) Train Loss: {record['loss']:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+                f"Images/Sec: {record['images_per_sec']:.1f}, Max GPU Mem: {'n/a' if mem is None else f'{mem:.2f} GB'}")
+    bar.set_postfix(loss=f"{record['loss']:.4f}")
+    if rank == 0:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=str, choices=datasets.DATASETS, default="digits",
+                        help="data source (digits: scikit-learn's 8x8 digits, no download)")
+    parser.add_argument("--data-path", type=str, default=None,
+                        help="image folder, .npz file, CIFAR-10 folder or Fashion-MNIST folder "
+                             "(default: data/cifar10 for cifar10, /usr/share/datasets/fashion-mnist for fashion-mnist)")
+    parser.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-path if missing")
+    parser.add_argument("--results-dir", type=str, default="results", help="where numbered run folders are made")
+    parser.add_argument("--run-dir", type=str, default=None,
+                        help="use this run folder instead of a new numbered one (restarts and tests pin it)")
+    parser.add_argument("--model", type=str, choices=list(models.DiT_models), default="PDESSM-DiT-S/2",
+                        help="model config (the paper's Table 6: DiT-S size, 12 layers, hidden 384, 6 heads)")
+    parser.add_argument("--mixer", type=str, choices=["attn", "pdessm"], default=None,
+                        help="override the token mixer of a DiT config")
+    parser.add_argument("--pdessm-terms", type=str, nargs="+", choices=["diffusion", "convection", "reaction"],
+                        default=None, help="PDE terms PDE-SSM keeps (the Table 7 ablation; default: all three)")
+    parser.add_argument("--space", type=str, choices=["pixel", "latent"], default="pixel",
+                        help="train on pixels, or on VAE latents (image size / 8)")
+    parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (the paper: 32 for CIFAR-10)")
+    parser.add_argument("--num-classes", type=int, default=10, help="number of classes; 0 trains unconditionally")
+    parser.add_argument("--epochs", type=int, default=1400, help="stop after this many epochs (or --max-steps)")
+    parser.add_argument("--max-steps", type=int, default=400_000, help="stop after this many steps (the paper: 400K)")
+    parser.add_argument("--global-batch-size", type=int, default=64, help="batch over all processes (the paper: 64)")
+    parser.add_argument("--global-seed", type=int, default=0, help="seed of initialization, data order and noise")
+    parser.add_argument("--lr", type=float, default=5e-4,
+                        help="AdamW learning rate (the paper's Table 6: 5e-4; DiT used 1e-4)")
+    parser.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step (DiT's 0.9999)")
+    parser.add_argument("--t-dist", type=str, choices=flow.T_DISTS, default="uniform",
+                        help="distribution of the training times t")
+    parser.add_argument("--precision", type=str, choices=list(AMP_DTYPES), default="fp32",
+                        help="autocast precision (fp16 with a gradient scaler)")
+    parser.add_argument("--grad-checkpoint", action="store_true", help="recompute block activations in the backward pass")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--vae", type=str, choices=["ema", "mse"], default="ema",
+                        help="stabilityai/sd-vae-ft-{ema,mse} for --space latent")
+    parser.add_argument("--vae-path", type=str, default=None,
+                        help="local folder of the VAE (no network needed); recorded for sampling")
+    parser.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
+    parser.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    parser.add_argument("--ckpt-every", type=int, default=50_000, help="steps between checkpoints (and one at the end)")
+    parser.add_argument("--sample-every", type=int, default=10_000, help="steps between preview grids (0: none)")
+    parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the preview grids")
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="steps between FID-proxy evaluations, logged to metrics.jsonl as \"fid\" (0: none)")
+    parser.add_argument("--eval-samples", type=int, default=1000, help="samples of each FID-proxy evaluation")
+    parser.add_argument("--eval-ref", type=str, default=None,
+                        help="reference images of the FID proxy (any reference evaluate.py reads)")
+    parser.add_argument("--eval-split", type=str, choices=["train", "test"], default="train",
+                        help="split of a CIFAR-10 or Fashion-MNIST reference")
+    parser.add_argument("--eval-features", type=str, choices=["inception", "fmnist"], default="inception",
+                        help="feature network of the FID proxy")
+    parser.add_argument("--eval-weights", type=str, default=None,
+                        help="weights of the feature network (the fmnist classifier's checkpoint)")
+    parser.add_argument("--resume", type=str, default=None,
+                        help="checkpoint to continue from, or 'auto' for the newest good one of the run "
+                             "(model, EMA, optimizer, step and data order continue; random flips exactly "
+                             "so only with --num-workers 0)")
+    parser.add_argument("--fail-at-step", type=int, default=-1,
+                        help="fault injection for tests: the last rank exits abruptly at this step on "
+                             "torchrun's first attempt (-1: never)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
