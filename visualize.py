@@ -205,9 +205,9 @@ def plot_curves(runs, out, labels=None, internal_fid=None):
         ax_fid.axhline(internal_fid, color="gray", linestyle="--", label="internal FID")
     if any_fid or internal_fid is not None:
         ax_fid.set_yscale("log")
-        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-        ax_fid.yaxis.set_major_formatter(plain)
-        ax_fid.yaxis.set_minor_formatter(plain)
+        ax_fid.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        # Label minor ticks only on axes spanning about a decade or less (else they overlap).
+        ax_fid.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
         ax_fid.legend()
     else:
         ax_fid.text(0.5, 0.5, "no FID proxy logged\n(train.py --eval-every)", ha="center", va="center",
