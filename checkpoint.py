@@ -10,6 +10,7 @@ A checkpoint is DiT's dict {"model", "ema", "opt", "args"} plus:
     "scaler"          the fp16 GradScaler state (None for fp32/bf16)
 "args" is the training flags as a plain dict, so checkpoints load with torch.load(weights_only=True).
 """
+import contextlib
 import os
 import re
 import socket
@@ -33,30 +34,42 @@ def checkpoint_path(run_dir, step):
     return os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
 
 
-def save_checkpoint(state, path):
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", durable=True):
     """
-    Write `state` to `path` atomically: a temporary file in the same folder, flushed to disk, then
-    renamed to `path`. An interrupted save leaves at most a stray hidden .tmp file, never a
-    half-written checkpoint. A file already at `path` (say an unreadable checkpoint that a resumed
-    run skipped) is kept as <path>.<time>.bak, never deleted.
+    Open a hidden temporary file beside `path` for writing; when the block ends without error it is
+    renamed to `path` (after an fsync when durable), else removed. Readers in other processes and
+    interrupted writers never leave or see a half-written `path`.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(state, path):
+    """
+    Write `state` to `path` atomically (see atomic_write), durably on disk. A file already at `path`
+    (say an unreadable checkpoint that a resumed run skipped) is kept as <path>.<time>.bak, never deleted.
+    """
     if os.path.exists(path):
         backup = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}.bak"
         os.replace(path, backup)
         warnings.warn(f"{path} existed and was moved to {backup}")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(state, f)
     # The rename itself is durable only once the folder's entry is on disk.
+    folder = os.path.dirname(os.path.abspath(path))
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -138,6 +138,11 @@ def _find_idx(data_path, name):
     return None
 
 
+def pad_fashion_mnist(images):
+    """(N, 28, 28) uint8 -> (N, 32, 32): two pixels of the zero background on every side."""
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))
+
+
 def load_fashion_mnist(data_path=None, split="train"):
     """
     Fashion-MNIST as (images uint8 (N, 28, 28), labels int64 (N,)): N = 60,000 for split "train",
@@ -228,8 +233,7 @@ def build_dataset(name, data_path=None, image_size=None, split="train", download
 
     if name == "fashion-mnist":
         images, labels = load_fashion_mnist(data_path, split)
-        images = np.pad(images, ((0, 0), (2, 2), (2, 2)))  # 28 -> 32 with the zero background
-        return ArrayDataset(images[:, None], labels, 255, image_size, flip)
+        return ArrayDataset(pad_fashion_mnist(images)[:, None], labels, 255, image_size, flip)
 
     if name == "npz":
         return _npz_dataset(data_path, image_size, flip)

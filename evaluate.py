@@ -38,7 +38,8 @@ from torchvision.datasets import CIFAR10
 from tqdm import tqdm
 
 import fmnist_classifier
-from datasets import load_fashion_mnist
+from checkpoint import atomic_write
+from datasets import load_fashion_mnist, pad_fashion_mnist
 
 
 # Our names for the feature networks -> their names in torch-fidelity's registry, and the layers
@@ -228,7 +229,7 @@ def load_images(path, split="train"):
                 raise ValueError(f"CIFAR-10 has splits 'train' and 'test', got {split!r}")
             images = CIFAR10(_cifar10_root(path), train=split == "train", download=False).data
         elif _is_fashion_mnist(path):
-            images = np.pad(load_fashion_mnist(path, split)[0], ((0, 0), (2, 2), (2, 2)))[..., None]
+            images = pad_fashion_mnist(load_fashion_mnist(path, split)[0])[..., None]
         else:
             images = _read_image_folder(path)
     elif os.path.isfile(path) and path.lower().endswith(IMAGE_EXTENSIONS):
@@ -432,11 +433,8 @@ def reference_statistics(ref, extractor, split="train", batch_size=100, with_fea
                 return {k: data[k] for k in keep}, path
         print(f"Reference statistics {path} are stale (other weights or reference); recomputing")
     stats = summarize(extract_features(load_images(ref, split), extractor, batch_size))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    # Written under another name and renamed: a reader in another process never sees half a file.
-    with open(path + ".tmp", "wb") as f:
+    with atomic_write(path) as f:  # a reader in another process never sees half a file
         np.savez(f, **stats, feature_net=feature_net_name(extractor), cache_key=key)
-    os.replace(path + ".tmp", path)
     print(f"Cached reference statistics of {stats['num_images']} images in {path}")
     return stats, path
 

@@ -443,12 +443,9 @@ def read_json(path):
 
 
 def write_text(path, text):
-    """Write via a temporary file and a rename: parallel processes (--legs) never see half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
+    """Atomically: parallel processes (--legs) never see half a file."""
+    with checkpoint.atomic_write(path, "w", durable=False) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_json(path, data):

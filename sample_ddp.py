@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import flow
+from checkpoint import atomic_write
 import sample
 from train import cleanup_distributed, setup_distributed
 
@@ -36,9 +37,8 @@ def png_path(folder, index):
 
 def save_png(array, path):
     """Write one uint8 (H, W, C) image; the rename makes a half-written PNG impossible to mistake for a done one."""
-    tmp = path + ".tmp"
-    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path, durable=False) as f:
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(f, format="PNG")
 
 
 def load_png(path):
