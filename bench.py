@@ -26,6 +26,7 @@ import torch
 import flow
 from models import Attention, build_model
 from pde_ssm import PDESSM
+from train import CUDAGraphStep
 
 
 #################################################################################
@@ -71,9 +72,10 @@ def measure(step, device, warmup=3, repeats=10, budget=30.0):
             torch.cuda.empty_cache()
 
 
-def autocast(device):
+def autocast(device, cache_enabled=True):
     """bf16 autocast on GPU (the paper's and DiT's training precision); fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda",
+                          cache_enabled=cache_enabled)
 
 
 def environment(device):
@@ -142,33 +144,44 @@ def build_system(size, patch, image_size, system, device, num_classes=10, channe
     return (torch.compile(model) if compile else model), params
 
 
-def training_step(model, batch, image_size, device, num_classes=10, channels=3):
+def timed_step(step, inputs, cuda_graph):
+    """step(*inputs) as a no-argument callable; with cuda_graph=True, warmed up and captured here
+    (before any timing) and replayed as one CUDA graph."""
+    if cuda_graph:
+        step = CUDAGraphStep(step)
+        for _ in range(step.warmup + 1):
+            step(*inputs)
+    return lambda: step(*inputs)
+
+
+def training_step(model, batch, image_size, device, num_classes=10, channels=3, cuda_graph=False):
     """One flow-matching training step: forward, backward, AdamW update (bf16 autocast on GPU)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, capturable=cuda_graph)
     x = torch.randn(batch, channels, image_size, image_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     model.train()
 
-    def step():
-        with autocast(device):
+    def step(x, y):
+        with autocast(device, cache_enabled=not cuda_graph):
             loss = flow.training_losses(model, x, dict(y=y))["loss"].mean()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+        return loss.detach()
+    return timed_step(step, (x, y), cuda_graph)
 
 
-def forward_pass(model, batch, image_size, device, num_classes=10, channels=3):
+def forward_pass(model, batch, image_size, device, num_classes=10, channels=3, cuda_graph=False):
     """One inference forward pass (eval mode, no autograd, bf16 autocast on GPU)."""
     x = torch.randn(batch, channels, image_size, image_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     t = flow.network_time(torch.rand(batch, device=device))
     model.eval()
 
-    def step():
-        with torch.no_grad(), autocast(device):
-            model(x, t, y)
-    return step
+    def step(x, t, y):
+        with torch.no_grad(), autocast(device, cache_enabled=not cuda_graph):
+            return model(x, t, y)
+    return timed_step(step, (x, t, y), cuda_graph)
 
 
 def bench_models(args, device, cells, make_step, name, title):
@@ -179,7 +192,7 @@ def bench_models(args, device, cells, make_step, name, title):
         for system in args.systems:
             try:
                 model, params = build_system(size, patch, image_size, system, device, compile=args.compile)
-                step = make_step(model, args.batch, image_size, device)
+                step = make_step(model, args.batch, image_size, device, cuda_graph=args.cuda_graph)
                 t, mem = measure(step, device, args.warmup, args.repeats, args.budget)
             except torch.OutOfMemoryError:
                 t, mem, params = "OOM", None, locals().get("params", "-")
@@ -317,11 +330,13 @@ def main(args):
     for key, value in DEFAULTS[args.benchmark].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.cuda_graph and (device.type != "cuda" or args.compile or args.benchmark == "mixer"):
+        raise SystemExit("bench.py: --cuda-graph needs a CUDA device, a model table (not mixer) and no --compile")
     print(f"{args.benchmark} on {environment(device)}")
     BENCHMARKS[args.benchmark](args, device)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which table to measure")
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
@@ -341,6 +356,13 @@ if __name__ == "__main__":
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
                         help="which systems to time (mixers, or DiT models with that mixer)")
     parser.add_argument("--compile", action="store_true", help="model tables: torch.compile every model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="model tables: replay every step as one CUDA graph (train.py --cuda-graph), "
+                             "which removes the kernel-launch overhead of small models")
     parser.add_argument("--dim", type=int, default=64, help="mixer: token width (channels)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -32,7 +32,8 @@ def has_null_class(model):
 
 
 def check_inputs(model, x, t, y, size_multiple):
-    """Raise ValueError for inputs the model cannot take (the label-range check is skipped under compile)."""
+    """Raise ValueError for inputs the model cannot take (the label-range check is skipped while compiling
+    or capturing a CUDA graph)."""
     if x.ndim != 4 or x.shape[1] != model.in_channels:
         raise ValueError(f"expected x of shape (B, {model.in_channels}, H, W), got {tuple(x.shape)}")
     if x.shape[2] % size_multiple or x.shape[3] % size_multiple:
@@ -44,8 +45,8 @@ def check_inputs(model, x, t, y, size_multiple):
     if y is None or y.shape != x.shape[:1] or y.dtype.is_floating_point:
         raise ValueError(f"class-conditional model needs integer labels y of shape ({x.shape[0]},), "
                          f"got {y if y is None else f'{y.dtype} {tuple(y.shape)}'}")
-    # A value check needs a host sync and a data-dependent branch: skip it inside compiled graphs.
-    if not torch.compiler.is_compiling():
+    # A value check needs a host sync and a data-dependent branch: skip it inside compiled and CUDA graphs.
+    if not (torch.compiler.is_compiling() or (y.is_cuda and torch.cuda.is_current_stream_capturing())):
         top = model.num_classes + has_null_class(model)
         if bool(((y < 0) | (y >= top)).any()):
             raise ValueError(f"class labels must be integers in [0, {top - 1}] "

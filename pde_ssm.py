@@ -42,8 +42,19 @@ import kernels
 
 # Budget of complex symbol entries the pairwise path materializes at once
 # (groups x C_out x C_in x frequencies of one chunk). Memory stays
-# O(B N C + C^2 + budget) instead of O(N C^2), forward and backward.
+# O(B N C + C^2 + budget) instead of O(N C^2), forward and backward (plus a saved
+# symbol of at most PAIRWISE_SAVED_SYMBOL_ELEMENTS entries per layer, below).
 PAIRWISE_CHUNK_ELEMENTS = 1 << 24
+
+# On the CPU the chunks are smaller: a chunk's symbol (2 MiB in complex64) and the
+# products made from it stay in cache across the few passes over them, where one
+# large chunk streams (and first page-faults in) tens of MiB of fresh memory per pass.
+PAIRWISE_CPU_CHUNK_ELEMENTS = 1 << 18
+
+# A symbol of at most this many complex entries (128 MiB per layer in complex64) is
+# kept from the forward for the backward, which then skips generating it again;
+# larger ones are regenerated chunk by chunk, so memory stays bounded either way.
+PAIRWISE_SAVED_SYMBOL_ELEMENTS = 1 << 24
 
 # The pairwise/grouped product runs as the fused Triton kernel of kernels/ (True), as
 # the PyTorch reference `_GroupedSpectralProduct` below (False), or, when None, fused
@@ -108,59 +119,90 @@ def _frequency_features(grid_size, device, dtype):
 class _GroupedSpectralProduct(torch.autograd.Function):
     """Y[g, f, i, b] = sum_j G[g, f, i, j] X[g, f, j, b], G = exp(phi_re A_re + i phi_im A_im).
 
-    The symbol is generated chunk by chunk over frequencies f in the forward and
-    regenerated in the backward, so the (groups, F, C_out, C_in) tensor is never
-    held whole. Gradients follow PyTorch's conjugate-Wirtinger convention:
-    dX = G^H dY, dG = dY X^H, and for E = log G, dE = dG * conj(G), so
-    dA_re = Re(dE) phi_re and dA_im = Im(dE) phi_im (summed over f).
-    Complex products are written as real ones (complex batched matmul is slow on CPU).
+    x complex (G, F, Ci, B), a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (F, 4),
+    phi_im (F, 2) -> complex (G, F, Co, B); `chunk` frequencies at a time.
+    The symbol is generated chunk by chunk over frequencies f (`_symbol_chunks`). With
+    save_symbol the forward keeps the chunks for the backward (`apply_symbol` allows
+    that up to PAIRWISE_SAVED_SYMBOL_ELEMENTS entries); otherwise the backward
+    generates them again and the (groups, F, C_out, C_in) tensor is never held whole.
+    Gradients follow PyTorch's conjugate-Wirtinger convention: dX = G^H dY,
+    dG = dY X^H, and for E = log G, dE = dG * conj(G), so dA_re = Re(dE) phi_re and
+    dA_im = Im(dE) phi_im (summed over f).
     """
 
     @staticmethod
-    def forward(ctx, x, a_re, a_im, phi_re, phi_im, chunk):
-        ctx.save_for_backward(x, a_re, a_im, phi_re, phi_im)
+    def forward(ctx, x, a_re, a_im, phi_re, phi_im, chunk, save_symbol=False):
+        y, symbol = [], []
+        for f, s in _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk):
+            # Y = G X as Y^T = X^T G^T, and below G^H dY as (dY^H G)^H: the same products,
+            # which CPU BLAS runs several times faster with the few batch columns on the left.
+            y.append((x[:, f].mT @ s.mT).mT)
+            if save_symbol:
+                symbol.append(s)
+        ctx.save_for_backward(x, a_re, a_im, phi_re, phi_im, *symbol)
         ctx.chunk = chunk
-        xr, xi = x.real.contiguous(), x.imag.contiguous()
-        out = []
-        for f0 in range(0, x.shape[1], chunk):
-            sl = slice(f0, f0 + chunk)
-            sr, si = _chunk_symbol(a_re, a_im, phi_re[sl], phi_im[sl])
-            out.append(torch.complex(sr @ xr[:, sl] - si @ xi[:, sl], sr @ xi[:, sl] + si @ xr[:, sl]))
-        return torch.cat(out, dim=1)
+        return torch.cat(y, dim=1)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, a_re, a_im, phi_re, phi_im = ctx.saved_tensors
-        xr, xi = x.real.contiguous(), x.imag.contiguous()
-        gr, gi = grad_out.real.contiguous(), grad_out.imag.contiguous()
-        grad_x, grad_re, grad_im = [], torch.zeros_like(a_re), torch.zeros_like(a_im)
+        x, a_re, a_im, phi_re, phi_im, *symbol = ctx.saved_tensors
+        # The gradient arrives as a permuted view; the matrix products batched over
+        # frequencies need dense (Co, B) blocks, or they run one frequency at a time.
+        grad_out = grad_out.contiguous()
         groups, c_out, c_in = a_re.shape[:3]
-        for f0 in range(0, x.shape[1], ctx.chunk):
-            sl = slice(f0, f0 + ctx.chunk)
-            sr, si = _chunk_symbol(a_re, a_im, phi_re[sl], phi_im[sl])
-            srt, sit = sr.transpose(-1, -2), si.transpose(-1, -2)
-            grad_x.append(torch.complex(srt @ gr[:, sl] + sit @ gi[:, sl], srt @ gi[:, sl] - sit @ gr[:, sl]))
-            xrt, xit = xr[:, sl].transpose(-1, -2), xi[:, sl].transpose(-1, -2)
-            dgr = gr[:, sl] @ xrt + gi[:, sl] @ xit            # dG = dY X^H
-            dgi = gi[:, sl] @ xrt - gr[:, sl] @ xit
-            der = (dgr * sr + dgi * si).reshape(groups, -1, c_out * c_in)   # dE = dG conj(G)
-            dei = (dgi * sr - dgr * si).reshape(groups, -1, c_out * c_in)
-            grad_re += (der.transpose(1, 2) @ phi_re[sl]).reshape(grad_re.shape)
-            grad_im += (dei.transpose(1, 2) @ phi_im[sl]).reshape(grad_im.shape)
-        return torch.cat(grad_x, dim=1), grad_re, grad_im, None, None, None
+        F, B = x.shape[1], x.shape[-1]
+        # conj(dG)_ij = sum_b conj(dY_ib) X_jb = <dY_i, X_j> + i <dY_i, -i X_j> with the real
+        # inner product <u, v> = Re sum_b conj(u_b) v_b: one real matrix product of dY's
+        # (Re, Im) columns (Co, 2B) with the (Re, Im) rows of X and -i X (2B, Ci x 2) gives
+        # conj(dG) as interleaved complex. Then conj(dE) = conj(dG) * G.
+        dy = torch.cat([grad_out.real, grad_out.imag], dim=-1)
+        xx = torch.view_as_real(torch.stack([x, -1j * x], dim=-1))            # (G, F, Ci, B, 2, 2)
+        xx = xx.permute(0, 1, 5, 3, 2, 4).reshape(groups, F, 2 * B, 2 * c_in)
+        phi = torch.cat([phi_re, phi_im], dim=1)
+        if symbol:
+            chunks = zip(_frequency_chunks(F, ctx.chunk), symbol)
+        else:
+            chunks = _symbol_chunks(a_re, a_im, phi_re, phi_im, ctx.chunk)
+        grad_x, grad_a = [], 0
+        for f, s in chunks:
+            grad_x.append((grad_out[:, f].mH @ s).mH)
+            conj_de = torch.view_as_complex((dy[:, f] @ xx[:, f]).view(s.shape + (2,))).mul_(s)
+            # (6, Fc) @ (Fc, Co Ci x (Re, Im)): every feature against both parts, read once.
+            grad_a = grad_a + phi[f].T @ torch.view_as_real(conj_de).reshape(groups, s.shape[1], -1)
+        grad_a = grad_a.view(groups, 6, c_out, c_in, 2).permute(0, 2, 3, 1, 4)
+        grad_re, grad_im = grad_a[..., :4, 0], -grad_a[..., 4:, 1]        # Im(dE) = -Im(conj(dE))
+        return torch.cat(grad_x, dim=1), grad_re, grad_im, None, None, None, None
 
 
-def _chunk_symbol(a_re, a_im, phi_re, phi_im):
-    """Real and imaginary parts of the symbol on a chunk of frequencies.
+def _frequency_chunks(num_frequencies, chunk):
+    """Slices of `chunk` consecutive frequencies covering range(num_frequencies)."""
+    return [slice(f0, f0 + chunk) for f0 in range(0, num_frequencies, chunk)]
 
-    a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (Fc, 4), phi_im (Fc, 2)
-    -> two real (G, Fc, Co, Ci) tensors.
+
+def _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk):
+    """The symbol exp(phi_re A_re + i phi_im A_im), `chunk` frequencies at a time.
+
+    a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (F, 4), phi_im (F, 2)
+    -> yields (slice of frequencies, complex (G, Fc, Co, Ci)).
+    The phase factors over the columns of phi_im (Eq. 10):
+    exp(i tau b.k) = exp(i tau b_x k_x) exp(i tau b_y k_y), and on the rfft2 grid k_x
+    and k_y take only W // 2 + 1 and H distinct values. So cos and sin run on those
+    small tables, and each entry costs one real exp of the whole real exponent (never
+    a factor of it: only the sum is bounded, by tau r, for K positive semidefinite)
+    and two complex products with gathered table rows.
     """
     groups, c_out, c_in = a_re.shape[:3]
-    re = (phi_re @ a_re.reshape(groups, -1, 4).transpose(1, 2)).reshape(groups, -1, c_out, c_in)
-    im = (phi_im @ a_im.reshape(groups, -1, 2).transpose(1, 2)).reshape(groups, -1, c_out, c_in)
-    magnitude = torch.exp(re)
-    return magnitude * torch.cos(im), magnitude * torch.sin(im)
+    a_re = a_re.reshape(groups, -1, 4).transpose(1, 2)                        # (G, 4, Co Ci)
+    tables = []
+    for k, a in zip(phi_im.unbind(1), a_im.unbind(-1)):                       # k_x, then k_y
+        values, index = torch.unique(k, return_inverse=True)
+        angle = values[:, None] * a.reshape(groups, 1, -1)                    # (G, distinct k, Co Ci)
+        tables.append((torch.polar(torch.ones_like(angle), angle), index))
+    (phase_x, index_x), (phase_y, index_y) = tables
+    for f in _frequency_chunks(phi_re.shape[0], chunk):
+        s = phase_x[:, index_x[f]] * phase_y[:, index_y[f]]
+        s.mul_((phi_re[f] @ a_re).exp_())
+        yield f, s.view(groups, -1, c_out, c_in)
 
 
 def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=None):
@@ -190,8 +232,12 @@ def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=None):
         from kernels.spectral_product import spectral_product  # imports Triton only when used
         y = spectral_product(x, a_re, a_im, phi_re, phi_im)
     else:
-        chunk = max(1, (chunk_elements or PAIRWISE_CHUNK_ELEMENTS) // (groups * c_out * c_in))
-        y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk)
+        pairs = groups * c_out * c_in
+        budget = chunk_elements or (PAIRWISE_CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else PAIRWISE_CHUNK_ELEMENTS)
+        chunk = max(1, budget // pairs)
+        save_symbol = (pairs * H * Wr <= PAIRWISE_SAVED_SYMBOL_ELEMENTS and torch.is_grad_enabled()
+                       and any(t.requires_grad for t in (x, a_re, a_im)))
+        y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol)
     return y.permute(3, 0, 2, 1).reshape(B, groups * c_out, H, Wr)
 
 
@@ -272,7 +318,9 @@ def pde_evolve(h0, K, b, r, tau, chunk_elements=None):
       grouped (heads):       K (G, C_out/G, C_in/G, 2, 2) etc.: pairwise inside
                              G channel groups, block-diagonal across them.
     Differentiable in h0, K, b, r and tau. Raises ValueError on wrong shapes, a K
-    that is not symmetric PSD, tau < 0 or non-finite parameters.
+    that is not symmetric PSD, tau < 0 or non-finite parameters. chunk_elements
+    bounds the symbol entries the pairwise path makes at once (default
+    PAIRWISE_CPU_CHUNK_ELEMENTS on the CPU, PAIRWISE_CHUNK_ELEMENTS elsewhere).
     """
     tau = _check_parameters(h0, K, b, r, tau)
     grid_size = h0.shape[-2:]

@@ -136,8 +136,10 @@ def leg_config(args, leg):
     model, terms = leg_model(args, leg)
     return dict(model=model, pdessm_terms=terms and list(terms), dataset=args.dataset, data_path=data_path(args),
                 image_size=args.image_size, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
-                lr=args.lr, ema_decay=args.ema_decay, seed=args.seed, precision=precision(args),
+                lr=args.lr, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                precision=precision(args),
                 num_samples=args.num_samples, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
+                sample_precision=sample_precision(args),
                 cfg_scale=args.cfg_scale, mse_images=args.mse_images, ref_split=args.ref_split,
                 classifier=args.classifier if args.dataset == "fashion-mnist" else None)
 
@@ -146,13 +148,19 @@ def precision(args):
     return args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
 
 
+def sample_precision(args):
+    """Sampling evaluates the networks at their training precision unless told otherwise."""
+    return args.sample_precision or ("bf16" if precision(args) == "bf16" else "fp32")
+
+
 def train_flags(args, leg, run_dir):
     """train.py's flags for a leg: the shared recipe, a pinned run folder and automatic resume."""
     model, terms = leg_model(args, leg)
     flags = ["--model", model, "--dataset", args.dataset, "--data-path", data_path(args), "--run-dir", run_dir,
              "--resume", "auto", "--image-size", str(args.image_size), "--max-steps", str(args.max_steps),
              "--global-batch-size", str(args.global_batch_size), "--lr", str(args.lr),
-             "--ema-decay", str(args.ema_decay), "--global-seed", str(args.seed), "--precision", precision(args),
+             "--ema-decay", str(args.ema_decay), "--max-grad-norm", str(args.max_grad_norm),
+             "--global-seed", str(args.seed), "--precision", precision(args),
              "--num-workers", str(args.num_workers), "--log-every", str(args.log_every),
              "--ckpt-every", str(args.ckpt_every), "--sample-every", "0"]
     if terms is not None:
@@ -162,8 +170,8 @@ def train_flags(args, leg, run_dir):
         flags += ["--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples),
                   "--eval-ref", data_path(args), "--eval-split", args.ref_split, "--eval-features", features]
         flags += ["--eval-weights", weights] if weights else []
-    if args.compile:
-        flags.append("--compile")
+    flags += ["--compile"] if args.compile else []
+    flags += ["--cuda-graph"] if args.cuda_graph else []
     return flags
 
 
@@ -172,7 +180,7 @@ def sample_flags(args, ckpt, run_dir):
     return ["--ckpt", ckpt, "--sample-dir", os.path.join(run_dir, "samples"), "--num-samples", str(args.num_samples),
             "--per-proc-batch-size", str(args.eval_batch_size), "--cfg-scale", str(args.cfg_scale),
             "--sampler", args.sampler, "--num-sampling-steps", str(args.num_sampling_steps),
-            "--global-seed", str(args.seed)]
+            "--global-seed", str(args.seed), "--precision", sample_precision(args)]
 
 
 def run_leg(args, leg, out_dir, rank, device):
@@ -336,9 +344,11 @@ def write_table1(args, out_dir, device):
     first = next((r["config"] for r in results.values() if r is not None), None)
     lines = [f"# Table 1 on {args.dataset}", "", markdown_table(header, rows), ""]
     if first is not None:
-        lines += [f"Recipe: batch {first['global_batch_size']}, lr {first['lr']:g}, EMA {first['ema_decay']:g}, "
+        clip = f"gradient norm clipped at {first['max_grad_norm']:g}" if first.get("max_grad_norm") else "no clipping"
+        lines += [f"Recipe: batch {first['global_batch_size']}, lr {first['lr']:g}, EMA {first['ema_decay']:g}, {clip}, "
                   f"{first['image_size']} px, {first['precision']}, seed {first['seed']}. Sampling: "
-                  f"{first['num_samples']} samples, {first['sampler']} with {first['num_sampling_steps']} steps, "
+                  f"{first['num_samples']} samples, {first['sampler']} with {first['num_sampling_steps']} steps "
+                  f"(network in {first.get('sample_precision', 'fp32')}), "
                   f"cfg scale {first['cfg_scale']:g}, labels i % 10. MSE: flow.eval_mse on {first['mse_images']} "
                   f"test images (EMA weights). FIDs against the {first['ref_split']} split"
                   + ("; FID-FMNIST on the 64 features of the Fashion-MNIST classifier, which also gives the class "
@@ -481,12 +491,16 @@ def parse_args(argv=None):
     parser.add_argument("--ema-decay", type=float, default=0.9999,
                         help="EMA decay per step (DiT's 0.9999, meant for 400K steps: after S steps the EMA "
                              "still holds decay^S of the initial weights, so use about 0.999 for runs of 20K steps)")
+    parser.add_argument("--max-grad-norm", type=float, default=0.0,
+                        help="clip gradients to this global norm (train.py --max-grad-norm; 0: none, as Table 6)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (Table 6: 32)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of every leg's initialization, data order, sampling noise and MSE noise")
     parser.add_argument("--precision", type=str, choices=list(train.AMP_DTYPES), default=None,
                         help="training autocast precision (default: bf16 on a GPU, fp32 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the models during training")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="train with train.py --cuda-graph (one CUDA graph per step; one GPU process per leg)")
     parser.add_argument("--num-workers", type=int, default=4, help="data loader workers per training process")
     parser.add_argument("--log-every", type=int, default=100, help="training steps between log lines and metrics records")
     parser.add_argument("--ckpt-every", type=int, default=2000,
@@ -501,6 +515,8 @@ def parse_args(argv=None):
                              "the paper's FID uses 50,000; 256 for table7, as the paper)")
     parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")
+    parser.add_argument("--sample-precision", type=str, choices=list(sample.PRECISIONS), default=None,
+                        help="network precision while sampling (default: bf16 for bf16-trained legs, else fp32)")
     parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     parser.add_argument("--eval-batch-size", type=int, default=250,
                         help="images per forward batch when sampling (per process) and evaluating")

@@ -58,7 +58,7 @@ def main(args):
             raise ValueError(f"the model is unconditional (num_classes=0): pass --cfg-scale 1, got {args.cfg_scale}")
         run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))))
         name = (f"{run}-{state['step']:07d}-{args.sampler}-{args.num_sampling_steps}-cfg-{args.cfg_scale:g}"
-                f"-seed-{args.global_seed}")
+                f"-seed-{args.global_seed}" + ("" if args.precision == "fp32" else f"-{args.precision}"))
         folder = os.path.join(args.sample_dir, name)
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
@@ -75,7 +75,7 @@ def main(args):
             labels = torch.tensor([i % num_classes for i in block], device=device) if num_classes else None
             z = sample_noise(args.global_seed, block, noise_shape).to(device)
             images = sample.to_uint8(sample.generate(model, z, labels, args.cfg_scale, args.sampler,
-                                                     args.num_sampling_steps, vae))
+                                                     args.num_sampling_steps, vae, precision=args.precision))
             for i in missing:
                 save_png(images[i - block.start], png_path(folder, i))
         if dist.is_initialized():
@@ -106,6 +106,9 @@ def parse_args(argv=None):
     parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")
     parser.add_argument("--global-seed", type=int, default=0, help="seed of the per-sample noise")
+    parser.add_argument("--precision", type=str, choices=list(sample.PRECISIONS), default="fp32",
+                        help="network precision while sampling (bf16: autocast, the precision of bf16 training; "
+                             "the sample folder's name says which)")
     return parser.parse_args(argv)
 
 

@@ -1,16 +1,16 @@
 """bench.py as a smoke test on CPU: every system gets a row, files are written, OOM is a cell."""
-import argparse
 import json
 
+import pytest
 import torch
 
 import bench
 
 
 def run(tmp_path, benchmark, **overrides):
-    args = argparse.Namespace(benchmark=benchmark, device="cpu", out_dir=str(tmp_path), warmup=1, repeats=1,
-                              threads=0, budget=5.0, batch=2, grids=[4], size="T", images=[8], patches=[2],
-                              systems=list(bench.SYSTEMS), compile=False, dim=16, heads=2)
+    args = bench.parse_args([benchmark, "--device", "cpu", "--out-dir", str(tmp_path), "--warmup", "1",
+                             "--repeats", "1", "--budget", "5", "--batch", "2", "--grids", "4", "--size", "T",
+                             "--images", "8", "--patches", "2", "--dim", "16", "--heads", "2"])
     for key, value in overrides.items():
         setattr(args, key, value)
     bench.main(args)
@@ -38,3 +38,8 @@ def test_median_of_repeats():
     calls = []
     assert bench.measure(lambda: calls.append(1), torch.device("cpu"), warmup=2, repeats=5)[0] >= 0
     assert len(calls) == 7
+
+
+def test_cuda_graph_needs_a_cuda_model_table():
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        bench.main(bench.parse_args(["mixer", "--device", "cpu", "--cuda-graph"]))

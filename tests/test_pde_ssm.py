@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import pde_ssm
 from pde_ssm import PDESSM, diffusion_from_cholesky, pde_evolve, pde_kernel
 
 F64 = torch.float64
@@ -142,14 +143,22 @@ def test_grouped_is_block_diagonal_pairwise():
         torch.testing.assert_close(out[:, 2 * g:2 * g + 2], ref)
 
 
-def test_pairwise_chunking_does_not_change_values_or_gradients():
+def keep_symbol(monkeypatch, saved):
+    """The pairwise backward reuses the forward's symbol (saved) or generates it again."""
+    monkeypatch.setattr(pde_ssm, "PAIRWISE_SAVED_SYMBOL_ELEMENTS", 10 ** 12 if saved else 0)
+
+
+def test_pairwise_chunking_and_saved_symbol_do_not_change_values_or_gradients(monkeypatch):
     h0 = torch.randn(2, 3, 6, 7, dtype=F64, requires_grad=True)
     K, b, r, tau = (p.requires_grad_() for p in random_pairwise(2, 3))
     results = []
-    for chunk_elements in (1, 7, 10 ** 9):          # one frequency per chunk ... all at once
-        out = pde_evolve(h0, K, b, r, tau, chunk_elements=chunk_elements)
-        grads = torch.autograd.grad((out * out.detach().cos()).sum(), (h0, K, b, r, tau))
-        results.append((out, grads))
+    for saved in (False, True):
+        keep_symbol(monkeypatch, saved)
+        # One frequency per chunk ... the CPU default ... all at once.
+        for chunk_elements in (1, 7, None, 10 ** 9):
+            out = pde_evolve(h0, K, b, r, tau, chunk_elements=chunk_elements)
+            grads = torch.autograd.grad((out * out.detach().cos()).sum(), (h0, K, b, r, tau))
+            results.append((out, grads))
     for out, grads in results[1:]:
         torch.testing.assert_close(out, results[0][0])
         for g, g0 in zip(grads, results[0][1]):
@@ -160,8 +169,10 @@ def symmetric(kxx, kxy, kyy):
     return torch.stack([torch.stack([kxx, kxy], -1), torch.stack([kxy, kyy], -1)], -2)
 
 
-@pytest.mark.parametrize("layout", ["diagonal", "pairwise", "grouped"])
-def test_gradcheck_float64(layout):
+@pytest.mark.parametrize("layout,saved", [("diagonal", None), ("pairwise", False), ("pairwise", True),
+                                          ("grouped", False), ("grouped", True)])
+def test_gradcheck_float64(monkeypatch, layout, saved):
+    keep_symbol(monkeypatch, saved)
     torch.manual_seed(0)
     shape = {"diagonal": (3,), "pairwise": (2, 3), "grouped": (3, 1, 1)}[layout]
     h0 = torch.randn(1, 3, 3, 4, dtype=F64, requires_grad=True)
@@ -176,6 +187,67 @@ def test_gradcheck_float64(layout):
         return pde_evolve(h0, symmetric(kxx, kxy, kyy), b, r, tau, chunk_elements=4)
 
     assert torch.autograd.gradcheck(f, (h0, kxx, kxy, kyy, b, r, tau))
+
+
+def grouped_product_node(out):
+    """The autograd node of the pairwise product behind out."""
+    todo, seen = [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        if node.name() == "_GroupedSpectralProductBackward":
+            return node
+        seen.add(node)
+        todo += [parent for parent, _ in node.next_functions]
+    raise AssertionError("no pairwise product in the graph")
+
+
+def test_pairwise_keeps_the_symbol_only_within_its_budget(monkeypatch):
+    # 2 x 3 channel pairs on the 6 x 4 rfft2 grid of a 6 x 7 field: 144 symbol entries.
+    h0 = torch.randn(2, 3, 6, 7, dtype=F64, requires_grad=True)
+    p = random_pairwise(2, 3)
+    for budget, chunks in ((144, 5), (143, 0)):
+        monkeypatch.setattr(pde_ssm, "PAIRWISE_SAVED_SYMBOL_ELEMENTS", budget)
+        node = grouped_product_node(pde_evolve(h0, *p, chunk_elements=30))      # 5 frequencies a chunk
+        symbol = node.saved_tensors[5:]                  # after x, A_re, A_im, phi_re, phi_im
+        assert len(symbol) == chunks and sum(s.numel() for s in symbol) == (144 if chunks else 0)
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_grouped_product_matches_its_formula(saved):
+    # Y = G X with G = exp(phi_re A_re + i phi_im A_im), written with a complex exp,
+    # for features that repeat some values (as the rfft2 grid does) and not others:
+    # values and the gradients of x, A_re and A_im.
+    torch.manual_seed(0)
+    groups, c_out, c_in, F, B = 2, 3, 4, 11, 2
+    phi_re, phi_im = torch.randn(F, 4, dtype=F64), torch.randn(F, 2, dtype=F64)
+    phi_im[::3, 0], phi_im[1::2, 1] = 0.7, -2.0
+    x = torch.randn(groups, F, c_in, B, dtype=torch.complex128, requires_grad=True)
+    a_re = (0.3 * torch.randn(groups, c_out, c_in, 4, dtype=F64)).requires_grad_()
+    a_im = (2.0 * torch.randn(groups, c_out, c_in, 2, dtype=F64)).requires_grad_()
+    weight = torch.randn(groups, F, c_out, B, dtype=torch.complex128)
+    exponent = torch.einsum("fm,gijm->gfij", phi_re, a_re) + 1j * torch.einsum("fm,gijm->gfij", phi_im, a_im)
+    expected = torch.exp(exponent) @ x
+    out = pde_ssm._GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, 4, saved)
+    torch.testing.assert_close(out, expected)
+    grads = [torch.autograd.grad((y * weight).real.sum(), (x, a_re, a_im)) for y in (out, expected)]
+    for g, g0 in zip(*grads):
+        torch.testing.assert_close(g, g0)
+
+
+def test_pairwise_float32_stays_finite_under_strong_cross_diffusion():
+    # tau K = [[40, 39.9], [39.9, 40]] is PSD, so tau (r - k^T K k) <= tau r, but its
+    # cross term alone, exp(-2 tau K_xy k_x k_y), reaches e^787 at k_x = -k_y = pi: the
+    # symbol must come from the whole exponent. Against the diagonal path in float64.
+    h0 = torch.randn(2, 1, 16, 16, dtype=F64)
+    K = torch.tensor([[[[40.0, 39.9], [39.9, 40.0]]], [[[40.0, -39.9], [-39.9, 40.0]]]], dtype=F64)
+    b, r = torch.tensor([[[30.0, -20.0]], [[-7.0, 3.0]]], dtype=F64), torch.tensor([[0.5], [-0.2]], dtype=F64)
+    out = pde_evolve(h0.float(), K.float(), b.float(), r.float(), 1.0)
+    assert torch.isfinite(out).all()
+    for i in range(2):
+        expected = pde_evolve(h0, K[i], b[i], r[i], 1.0)
+        torch.testing.assert_close(out[:, i:i + 1].double(), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_float32_matches_float64():

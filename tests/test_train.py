@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import models
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,3 +181,39 @@ def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
     final = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6))
     model, _ = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 6), "cpu", weights="model")
     assert train.weights_digest(model) == digests[0] and final["args"]["model"] == "DiT-T/4"
+
+
+def test_update_ema_is_the_convex_combination():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * e.detach().clone() + 0.1 * p.detach() for e, p in zip(ema.parameters(), model.parameters())]
+    train.update_ema(ema, model, 0.9)
+    for e, want in zip(ema.parameters(), expected):
+        torch.testing.assert_close(e.detach(), want)
+
+
+def test_gradient_clipping_shrinks_the_first_adam_step(tmp_path, npz_data):
+    """AdamW's first step moves every weight with a gradient by about lr (m / sqrt(v) = sign g); a
+    gradient clipped to norm 1e-9 is far below Adam's eps = 1e-8, so the step shrinks to a small
+    fraction of lr. The logged norm is that of the unclipped gradient."""
+    moves = {}
+    for clip in ("0", "1e-9"):
+        run_dir = tmp_path / f"clip-{clip}"
+        run(run_dir, "--max-steps", "1", "--max-grad-norm", clip, data=npz_data)
+        state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(run_dir, 1))
+        torch.manual_seed(0)
+        initial = models.build_model(state["args"]["model"], **state["model_kwargs"]).state_dict()
+        moves[clip] = max((state["model"][k] - v).abs().max().item() for k, v in initial.items())
+        record = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).readline())
+        assert record["grad_norm"] == pytest.approx(record["grad_norm_max"]) and record["grad_norm"] > 1e-3
+    assert moves["0"] == pytest.approx(1e-3, rel=0.05)
+    assert moves["1e-9"] < 0.2e-3
+
+
+def test_cuda_graph_needs_one_cuda_process(tmp_path, npz_data):
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device"):
+            run(tmp_path, "--max-steps", "1", "--cuda-graph", "--precision", "fp16", data=npz_data)
+    else:
+        with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device"):
+            run(tmp_path, "--max-steps", "1", "--cuda-graph", data=npz_data)
+    assert not (tmp_path / "checkpoints").exists()
