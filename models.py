@@ -308,7 +308,8 @@ class DiT(nn.Module):
             c = c + self.y_embedder(y, self.training)
         for block in self.blocks:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, grid_size, use_reentrant=False)
+                # Blocks draw no random numbers: no RNG state to save and restore (nor to touch in a CUDA graph).
+                x = checkpoint(block, x, c, grid_size, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = block(x, c, grid_size)                                       # (B, N, D)
         x = self.final_layer(x, c)                                               # (B, N, p * p * out_channels)
