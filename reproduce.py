@@ -150,7 +150,7 @@ def precision(args):
 
 def sample_precision(args):
     """Sampling evaluates the networks at their training precision unless told otherwise."""
-    return args.sample_precision or ("bf16" if precision(args) == "bf16" else "fp32")
+    return args.sample_precision or sample.precision_for(precision(args))
 
 
 def train_flags(args, leg, run_dir):

@@ -27,6 +27,11 @@ def seed_for(*keys):
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
+def precision_for(training_precision):
+    """The sampling precision of a model trained at training_precision: bf16 for bf16, else fp32."""
+    return "bf16" if training_precision == "bf16" else "fp32"
+
+
 @torch.no_grad()
 def generate(model, z, labels=None, cfg_scale=1.0, sampler="heun", num_steps=50, vae=None, progress=False,
              precision="fp32"):

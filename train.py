@@ -322,7 +322,8 @@ def train(args, rank, world_size, device):
         train_step = CUDAGraphStep(train_step)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     first_step, log_steps, start = step, 0, time.time()
-    running_sum, running_max = torch.zeros(2, device=device), torch.zeros(2, device=device)  # (loss, grad norm)
+    running_sum = torch.zeros(2, device=device)      # (loss, gradient norm) summed over the interval
+    grad_norm_max = torch.zeros((), device=device)
     bar = tqdm(total=args.max_steps, initial=step, desc=run_name(args), disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps and epoch < args.epochs:
         sampler.set_epoch(epoch)
@@ -343,18 +344,18 @@ def train(args, rank, world_size, device):
                 x = checkpoint.encode(vae, x)
             stats = train_step(x, y)
             running_sum += stats
-            torch.maximum(running_max, stats, out=running_max)
+            torch.maximum(grad_norm_max, stats[1], out=grad_norm_max)
 
             step += 1
             batch_in_epoch += 1
             log_steps += 1
             bar.update(1)
             if step % args.log_every == 0:
-                log_metrics(logger, metrics_path, rank, device, step, running_sum / log_steps, running_max[1],
+                log_metrics(logger, metrics_path, rank, device, step, running_sum / log_steps, grad_norm_max,
                             log_steps / (time.time() - start), args.global_batch_size, bar)
                 log_steps, start = 0, time.time()
                 running_sum.zero_()
-                running_max.zero_()
+                grad_norm_max.zero_()
             if step % args.ckpt_every == 0:
                 save(step)
             if args.sample_every and step % args.sample_every == 0 and rank == 0:
@@ -392,7 +393,7 @@ def fid_proxy(args, ema, vae, noise_shape, batch_size):
     """
     import evaluate  # only runs that evaluate need the feature networks
     device = next(ema.parameters()).device
-    precision = "bf16" if args.precision == "bf16" else "fp32"
+    precision = sample.precision_for(args.precision)
     generator = torch.Generator().manual_seed(args.global_seed)
     images = []
     for start in range(0, args.eval_samples, batch_size):
@@ -409,7 +410,6 @@ def log_metrics(logger, metrics_path, rank, device, step, means, grad_norm_max, 
     Log the interval's mean loss (averaged over ranks) and gradient norm (mean and max: a spike shows
     in the max first) with the throughput and peak GPU memory; append them to metrics.jsonl.
     """
-    means = means.clone()
     if dist.is_initialized():
         dist.all_reduce(means, op=dist.ReduceOp.SUM)
         means = means / dist.get_world_size()
