@@ -176,12 +176,22 @@ def plot_ssm_maps(model, train_args, images, out, t=1.0, blocks=None):
 #################################################################################
 
 def read_metrics(run):
-    """The records of a run's metrics.jsonl (`run` is the run folder or the file itself)."""
+    """
+    The records of a run's metrics.jsonl (`run` is the run folder or the file itself), in step order. A
+    run resumed from a checkpoint logs again the steps after it that an interrupted process had logged
+    already: a record whose step is below one seen before drops the earlier records from its step on,
+    so every step keeps the records of the process that went on.
+    """
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; expected a run folder of train.py holding metrics.jsonl")
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for record in (json.loads(line) for line in f if line.strip()):
+            if records and record["step"] < records[-1]["step"]:
+                records = [r for r in records if r["step"] < record["step"]]
+            records.append(record)
+    return records
 
 
 def plot_curves(runs, out, labels=None, internal_fid=None):

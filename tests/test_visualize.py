@@ -52,6 +52,16 @@ def test_curves_plot_the_logged_loss_and_fid(tmp_path, monkeypatch):
         visualize.plot_curves([str(tmp_path / "missing")], str(out))
 
 
+def test_metrics_of_a_resumed_run_keep_the_process_that_went_on(tmp_path):
+    # Logged to step 5 (FID at 4), killed, resumed from the step-3 checkpoint and run to 6.
+    first = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"step": 4, "fid": 9.0}, {"step": 5, "loss": 1.0}]
+    second = [{"step": 4, "loss": 2.0}, {"step": 4, "fid": 8.0}, {"step": 5, "loss": 2.0}, {"step": 6, "loss": 2.0}]
+    run = write_run(tmp_path / "run", first + second)
+    assert [(r["step"], r.get("loss"), r.get("fid")) for r in visualize.read_metrics(run)] == [
+        (1, 1.0, None), (2, 1.0, None), (3, 1.0, None), (4, 2.0, None), (4, None, 8.0), (5, 2.0, None),
+        (6, 2.0, None)]
+
+
 @pytest.fixture
 def pdessm_checkpoint(tmp_path):
     torch.manual_seed(0)
