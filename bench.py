@@ -24,7 +24,7 @@ import time
 import torch
 
 import flow
-from models import Attention, build_model
+from models import Attention, DiT_models, build_model
 from pde_ssm import PDESSM
 from train import CUDAGraphStep
 
@@ -184,8 +184,21 @@ def forward_pass(model, batch, image_size, device, num_classes=10, channels=3, c
     return timed_step(step, (x, t, y), cuda_graph)
 
 
+def check_cells(name, cells):
+    """Refuse, before timing anything, a (size, patch, image) cell that models.py has no DiT for."""
+    for size, patch, _ in cells:
+        if f"DiT-{size}/{patch}" not in DiT_models:
+            configs = [config[len("DiT-"):].split("/") for config in DiT_models if config.startswith("DiT-")]
+            sizes = ", ".join(s for s, p in configs if p == str(patch))
+            patches = ", ".join(p for s, p in configs if s == size)
+            raise ValueError(f"bench.py {name} needs DiT-{size}/{patch}, which models.py does not define: patch "
+                             f"{patch} comes in sizes {sizes}, size {size} in patches {patches}; choose another "
+                             f"--size (or --patches, for table5)")
+
+
 def bench_models(args, device, cells, make_step, name, title):
     """Time every (size, patch, image) cell for every system; ratios against SDPA DiT."""
+    check_cells(name, cells)
     rows = []
     for size, patch, image_size in cells:
         base = None
@@ -350,7 +363,8 @@ def parse_args(argv=None):
     parser.add_argument("--grids", type=int, nargs="+", default=None,
                         help="scaling and mixer: token grid sides (default 16 .. 256 for scaling, 16 .. 128 for mixer)")
     parser.add_argument("--size", choices=["T", "S", "B", "L", "XL"], default=None,
-                        help="model size for table5/scaling (default S) and table8 (default XL); T is the tiny CPU config")
+                        help="model size for table5/scaling (default S) and table8 (default XL; its patches 8, 4, 2 "
+                             "need S or larger); T is the tiny CPU config (patches 1, 2, 4)")
     parser.add_argument("--images", type=int, nargs="+", default=[32, 64], help="table5: image sizes in pixels")
     parser.add_argument("--patches", type=int, nargs="+", default=[2, 4, 8], help="table5: patch sizes")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),

@@ -120,7 +120,8 @@ class _GroupedSpectralProduct(torch.autograd.Function):
     """Y[g, f, i, b] = sum_j G[g, f, i, j] X[g, f, j, b], G = exp(phi_re A_re + i phi_im A_im).
 
     x complex (G, F, Ci, B), a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (F, 4),
-    phi_im (F, 2) -> complex (G, F, Co, B); `chunk` frequencies at a time.
+    phi_im (F, 2) -> complex (G, F, Co, B); `chunk` frequencies at a time; `width` as in
+    `_symbol_chunks` (apply_symbol passes the rfft2 grid's W // 2 + 1).
     The symbol is generated chunk by chunk over frequencies f (`_symbol_chunks`). With
     save_symbol the forward keeps the chunks for the backward (`apply_symbol` allows
     that up to PAIRWISE_SAVED_SYMBOL_ELEMENTS entries); otherwise the backward
@@ -131,16 +132,16 @@ class _GroupedSpectralProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a_re, a_im, phi_re, phi_im, chunk, save_symbol=False):
+    def forward(ctx, x, a_re, a_im, phi_re, phi_im, chunk, save_symbol=False, width=None):
         y, symbol = [], []
-        for f, s in _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk):
+        for f, s in _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk, width):
             # Y = G X as Y^T = X^T G^T, and below G^H dY as (dY^H G)^H: the same products,
             # which CPU BLAS runs several times faster with the few batch columns on the left.
             y.append((x[:, f].mT @ s.mT).mT)
             if save_symbol:
                 symbol.append(s)
         ctx.save_for_backward(x, a_re, a_im, phi_re, phi_im, *symbol)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.width = chunk, width
         return torch.cat(y, dim=1)
 
     @staticmethod
@@ -162,7 +163,7 @@ class _GroupedSpectralProduct(torch.autograd.Function):
         if symbol:
             chunks = zip(_frequency_chunks(F, ctx.chunk), symbol)
         else:
-            chunks = _symbol_chunks(a_re, a_im, phi_re, phi_im, ctx.chunk)
+            chunks = _symbol_chunks(a_re, a_im, phi_re, phi_im, ctx.chunk, ctx.width)
         grad_x, grad_a = [], 0
         for f, s in chunks:
             grad_x.append((grad_out[:, f].mH @ s).mH)
@@ -171,7 +172,7 @@ class _GroupedSpectralProduct(torch.autograd.Function):
             grad_a = grad_a + phi[f].T @ torch.view_as_real(conj_de).reshape(groups, s.shape[1], -1)
         grad_a = grad_a.view(groups, 6, c_out, c_in, 2).permute(0, 2, 3, 1, 4)
         grad_re, grad_im = grad_a[..., :4, 0], -grad_a[..., 4:, 1]        # Im(dE) = -Im(conj(dE))
-        return torch.cat(grad_x, dim=1), grad_re, grad_im, None, None, None, None
+        return torch.cat(grad_x, dim=1), grad_re, grad_im, None, None, None, None, None
 
 
 def _frequency_chunks(num_frequencies, chunk):
@@ -179,23 +180,22 @@ def _frequency_chunks(num_frequencies, chunk):
     return [slice(f0, f0 + chunk) for f0 in range(0, num_frequencies, chunk)]
 
 
-def _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk):
+def _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk, width=None):
     """The symbol exp(phi_re A_re + i phi_im A_im), `chunk` frequencies at a time.
 
     a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (F, 4), phi_im (F, 2)
     -> yields (slice of frequencies, complex (G, Fc, Co, Ci)).
     The phase factors over the columns of phi_im (Eq. 10):
     exp(i tau b.k) = exp(i tau b_x k_x) exp(i tau b_y k_y), and on the rfft2 grid k_x
-    and k_y take only W // 2 + 1 and H distinct values. So cos and sin run on those
-    small tables, and each entry costs one real exp of the whole real exponent (never
-    a factor of it: only the sum is bounded, by tau r, for K positive semidefinite)
-    and two complex products with gathered table rows.
+    and k_y take only W // 2 + 1 and H distinct values (`_phase_axes`). So cos and sin
+    run on those small tables, and each entry costs one real exp of the whole real
+    exponent (never a factor of it: only the sum is bounded, by tau r, for K positive
+    semidefinite) and two complex products with gathered table rows.
     """
     groups, c_out, c_in = a_re.shape[:3]
     a_re = a_re.reshape(groups, -1, 4).transpose(1, 2)                        # (G, 4, Co Ci)
     tables = []
-    for k, a in zip(phi_im.unbind(1), a_im.unbind(-1)):                       # k_x, then k_y
-        values, index = torch.unique(k, return_inverse=True)
+    for (values, index), a in zip(_phase_axes(phi_im, width), a_im.unbind(-1)):  # k_x, then k_y
         angle = values[:, None] * a.reshape(groups, 1, -1)                    # (G, distinct k, Co Ci)
         tables.append((torch.polar(torch.ones_like(angle), angle), index))
     (phase_x, index_x), (phase_y, index_y) = tables
@@ -203,6 +203,21 @@ def _symbol_chunks(a_re, a_im, phi_re, phi_im, chunk):
         s = phase_x[:, index_x[f]] * phase_y[:, index_y[f]]
         s.mul_((phi_re[f] @ a_re).exp_())
         yield f, s.view(groups, -1, c_out, c_in)
+
+
+def _phase_axes(phi_im, width=None):
+    """For each column of phi_im (k_x, then k_y): its distinct values and, per frequency,
+    the index of its value there. phi_im (F, 2) -> [(values, long (F,))] * 2.
+
+    With `width`, phi_im is the rfft2 grid of `_frequency_features`, row by row, `width`
+    frequencies a row: k_x is that of column f % width, k_y that of row f // width, so
+    the sizes follow from the grid alone, as torch.compile (fullgraph) needs. Other
+    features go through torch.unique, whose output size depends on the values.
+    """
+    if width is None:
+        return [torch.unique(k, return_inverse=True) for k in phi_im.unbind(1)]
+    f = torch.arange(phi_im.shape[0], device=phi_im.device)
+    return [(phi_im[:width, 0], f % width), (phi_im[::width, 1], f // width)]
 
 
 def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=None):
@@ -237,7 +252,7 @@ def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=None):
         chunk = max(1, budget // pairs)
         save_symbol = (pairs * H * Wr <= PAIRWISE_SAVED_SYMBOL_ELEMENTS and torch.is_grad_enabled()
                        and any(t.requires_grad for t in (x, a_re, a_im)))
-        y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol)
+        y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, Wr)
     return y.permute(3, 0, 2, 1).reshape(B, groups * c_out, H, Wr)
 
 

@@ -99,15 +99,30 @@ def setup_distributed():
     (e.g. reproduce.py) already did: NCCL with one GPU per process, gloo on CPU. A plain
     `python script.py` is rank 0 of 1 with no process group.
     """
-    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = process_device(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def process_device(local_rank, local_world_size):
+    """
+    The device of process local_rank of the local_world_size that torchrun started on this node: GPU
+    local_rank where CUDA is available, else the CPU. Every process refuses a launch with more processes
+    than visible GPUs, before any of them touches CUDA or the process group.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if local_world_size > gpus:
+        raise ValueError(f"torchrun started {local_world_size} processes per node, but this node has {gpus} visible "
+                         f"CUDA device(s) and each process needs its own: lower --nproc_per_node to at most {gpus}, "
+                         f"or hide the GPUs with CUDA_VISIBLE_DEVICES= to run every process on the CPU (gloo)")
+    return torch.device("cuda", local_rank)
 
 
 def cleanup_distributed(joined_before=False):

@@ -43,3 +43,20 @@ def test_median_of_repeats():
 def test_cuda_graph_needs_a_cuda_model_table():
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
         bench.main(bench.parse_args(["mixer", "--device", "cpu", "--cuda-graph"]))
+
+
+def test_a_model_table_refuses_a_size_without_its_patches(tmp_path):
+    # table8 times patches 8, 4 and 2; the tiny size T has patches 1, 2 and 4 only.
+    with pytest.raises(ValueError, match=r"needs DiT-T/8, .* patch 8 comes in sizes XL, L, B, S, size T in "
+                                         r"patches 1, 2, 4; choose another --size"):
+        run(tmp_path, "table8")
+    assert not (tmp_path / "table8.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_model_tables_replay_cuda_graphs(tmp_path):
+    # table5 at T/2 on 8 px; table8 at 256 px in its patches 8, 4 and 2, which start at size S.
+    for benchmark, size, cells in (("table5", "T", 1), ("table8", "S", 3)):
+        rows = run(tmp_path, benchmark, device="cuda", cuda_graph=True, size=size)
+        assert [row["system"] for row in rows] == list(bench.SYSTEMS) * cells
+        assert all(isinstance(row["seconds"], float) and row["seconds"] > 0 for row in rows)

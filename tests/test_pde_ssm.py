@@ -190,7 +190,9 @@ def test_gradcheck_float64(monkeypatch, layout, saved):
 
 
 def grouped_product_node(out):
-    """The autograd node of the pairwise product behind out."""
+    """The autograd node of the pairwise product behind out. Keep out alive while reading the
+    node's saved tensors: torch 2.11 frees them with the graph once out is gone, though Python
+    still holds the node (2.14 keeps them as long as the node lives)."""
     todo, seen = [out.grad_fn], set()
     while todo:
         node = todo.pop()
@@ -209,27 +211,34 @@ def test_pairwise_keeps_the_symbol_only_within_its_budget(monkeypatch):
     p = random_pairwise(2, 3)
     for budget, chunks in ((144, 5), (143, 0)):
         monkeypatch.setattr(pde_ssm, "PAIRWISE_SAVED_SYMBOL_ELEMENTS", budget)
-        node = grouped_product_node(pde_evolve(h0, *p, chunk_elements=30))      # 5 frequencies a chunk
-        symbol = node.saved_tensors[5:]                  # after x, A_re, A_im, phi_re, phi_im
+        out = pde_evolve(h0, *p, chunk_elements=30)                              # 5 frequencies a chunk
+        symbol = grouped_product_node(out).saved_tensors[5:]  # after x, A_re, A_im, phi_re, phi_im
         assert len(symbol) == chunks and sum(s.numel() for s in symbol) == (144 if chunks else 0)
 
 
 @pytest.mark.parametrize("saved", [False, True])
-def test_grouped_product_matches_its_formula(saved):
-    # Y = G X with G = exp(phi_re A_re + i phi_im A_im), written with a complex exp,
-    # for features that repeat some values (as the rfft2 grid does) and not others:
-    # values and the gradients of x, A_re and A_im.
+@pytest.mark.parametrize("grid", [False, True])
+def test_grouped_product_matches_its_formula(saved, grid):
+    # Y = G X with G = exp(phi_re A_re + i phi_im A_im), written with a complex exp: values
+    # and the gradients of x, A_re and A_im. Features are either arbitrary, repeating some
+    # values and not others, or the rfft2 grid of a 3 x 6 field passed with its width.
     torch.manual_seed(0)
-    groups, c_out, c_in, F, B = 2, 3, 4, 11, 2
-    phi_re, phi_im = torch.randn(F, 4, dtype=F64), torch.randn(F, 2, dtype=F64)
-    phi_im[::3, 0], phi_im[1::2, 1] = 0.7, -2.0
+    groups, c_out, c_in, B = 2, 3, 4, 2
+    if grid:
+        phi_re, phi_im = pde_ssm._frequency_features((3, 6), "cpu", F64)
+        width = 4
+    else:
+        phi_re, phi_im = torch.randn(11, 4, dtype=F64), torch.randn(11, 2, dtype=F64)
+        phi_im[::3, 0], phi_im[1::2, 1] = 0.7, -2.0
+        width = None
+    F = phi_re.shape[0]
     x = torch.randn(groups, F, c_in, B, dtype=torch.complex128, requires_grad=True)
     a_re = (0.3 * torch.randn(groups, c_out, c_in, 4, dtype=F64)).requires_grad_()
     a_im = (2.0 * torch.randn(groups, c_out, c_in, 2, dtype=F64)).requires_grad_()
     weight = torch.randn(groups, F, c_out, B, dtype=torch.complex128)
     exponent = torch.einsum("fm,gijm->gfij", phi_re, a_re) + 1j * torch.einsum("fm,gijm->gfij", phi_im, a_im)
     expected = torch.exp(exponent) @ x
-    out = pde_ssm._GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, 4, saved)
+    out = pde_ssm._GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, 5, saved, width)  # chunks cross rows
     torch.testing.assert_close(out, expected)
     grads = [torch.autograd.grad((y * weight).real.sum(), (x, a_re, a_im)) for y in (out, expected)]
     for g, g0 in zip(*grads):

@@ -153,14 +153,15 @@ def test_missing_data_exits_nonzero_without_files(tmp_path):
 
 
 def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
-    """torchrun, 2 CPU workers (gloo): rank 1 dies at step 3 on the first attempt; the restart resumes
-    from the step-2 checkpoint and finishes at step 6 with identical weights on both ranks."""
+    """torchrun, 2 CPU workers (gloo; GPUs hidden, as this tests a dying worker, not GPUs): rank 1 dies at
+    step 3 on the first attempt; the restart resumes from the step-2 checkpoint and finishes at step 6
+    with identical weights on both ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "train.py", *TINY, "--dataset", "digits", "--max-steps", "6", "--ckpt-every", "2",
            "--run-dir", str(tmp_path), "--resume", "auto", "--fail-at-step", "3"]
     # torch shares the rendezvous store with restarted workers, which may then read the dead ones'
     # addresses; the opt-out gives every restart a fresh store (see train.py's docstring).
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", CUDA_VISIBLE_DEVICES="")
     # A session of its own, so a timeout kills the workers with the launcher instead of orphaning them.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -181,6 +182,18 @@ def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
     final = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6))
     model, _ = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 6), "cpu", weights="model")
     assert train.weights_digest(model) == digests[0] and final["args"]["model"] == "DiT-T/4"
+
+
+def test_more_processes_per_node_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train.process_device(0, 1) == torch.device("cuda", 0)
+    for local_rank in (0, 1):  # every process refuses, not only the one without a GPU
+        with pytest.raises(ValueError, match=r"started 2 processes per node, but this node has 1 visible CUDA "
+                                             r"device\(s\).*--nproc_per_node to at most 1.*CUDA_VISIBLE_DEVICES="):
+            train.process_device(local_rank, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.process_device(1, 2) == torch.device("cpu")
 
 
 def test_update_ema_is_the_convex_combination():
@@ -217,3 +230,32 @@ def test_cuda_graph_needs_one_cuda_process(tmp_path, npz_data):
         with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device"):
             run(tmp_path, "--max-steps", "1", "--cuda-graph", data=npz_data)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("model,clip", [("DiT-T/4", "0"), ("PDESSM-DiT-T/4", "0.05")])
+def test_cuda_graph_training_follows_the_eager_run(tmp_path, npz_data, model, clip):
+    """8 steps, the last 5 replayed from one CUDA graph, against 8 eager steps from the same seed: the
+    same losses at every step (the graph's random draws follow the per-step seeds) and the same weights,
+    up to float rounding, with and without gradient clipping; then a graph run resumed from its step-3
+    checkpoint ends at the same weights."""
+    flags = ["--max-steps", "8", "--model", model, "--max-grad-norm", clip]
+    eager = run(tmp_path / "eager", *flags, data=npz_data)
+    graph = run(tmp_path / "graph", *flags, "--cuda-graph", data=npz_data)
+    want, got = step_losses(eager), step_losses(graph)
+    assert sorted(got) == list(range(1, 9))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-3), f"step {s}"
+    final = [checkpoint.load_checkpoint(checkpoint.checkpoint_path(d, 8)) for d in (eager, graph)]
+    for key in ("model", "ema"):
+        for name, value in final[0][key].items():
+            torch.testing.assert_close(final[1][key][name], value, rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(os.path.join(graph, "checkpoints"), resumed / "checkpoints")
+    os.remove(checkpoint.checkpoint_path(resumed, 6))
+    os.remove(checkpoint.checkpoint_path(resumed, 8))
+    run(resumed, *flags, "--cuda-graph", "--resume", "auto", data=npz_data)
+    again = checkpoint.load_checkpoint(checkpoint.checkpoint_path(resumed, 8))
+    for name, value in final[1]["model"].items():
+        torch.testing.assert_close(again["model"][name], value, rtol=1e-3, atol=1e-4, msg=name)
