@@ -22,8 +22,20 @@ tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
                     frequencies; the splits' partial sums are added afterwards.
 
 Complex tensors are read and written as interleaved float32 (re, im) pairs
-(torch.view_as_real); a complex matrix product is two real dots over the
-interleaved (channel, re/im) axis.
+(torch.view_as_real). The real and imaginary parts of an operand tile are loaded
+as two strided tiles, and a complex matrix product A B is three real dots
+(Gauss's scheme), three quarters of the tensor-core work of the four dots
+A_re B_re, A_im B_im, A_re B_im, A_im B_re:
+
+    t1 = A_re B_re,  t2 = A_im B_im,  t3 = (A_re + A_im)(B_re + B_im),
+    Re(A B) = t1 - t2,  Im(A B) = t3 - t1 - t2.
+
+Each t accumulates over the whole contraction and the parts are formed once at
+the end. Im(A B) is then a difference of terms that can be larger than itself:
+the error stays within a small factor of that of four dots relative to the norm
+of the result (Higham, "Stability of a method for multiplying complex matrices
+with three real matrix multiplications", 1992), which tests/test_kernels.py
+bounds against the float64 reference in each dot mode.
 """
 
 import torch
@@ -100,12 +112,6 @@ def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5):
 
 
 @triton.jit
-def _interleave(a, b):
-    """(F, R, K) a, b -> (F, R, 2K) with columns 2k, 2k + 1 = a[..., k], b[..., k]."""
-    return tl.reshape(tl.join(a, b), (a.shape[0], a.shape[1], 2 * a.shape[2]))
-
-
-@triton.jit
 def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b for (F, M, K) a and (F, K, N) b. Triton's 3D dot spreads the warps
     over F only, which suits F >= num_warps; F = 1 and F = 2 run as 2D dots, whose
@@ -123,6 +129,23 @@ def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.permute(tl.join(acc0, acc1), (2, 0, 1))
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gauss_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr):
+    """One step of Gauss's complex product (module docstring): the three real dots
+    t1 += a_re b_re, t2 += a_im b_im, t3 += (a_re + a_im)(b_re + b_im), batched as
+    `_batched_dot`; `_gauss_parts` makes Re and Im of the sum of the steps."""
+    t1 = _batched_dot(a_re, b_re, t1, PRECISION)
+    t2 = _batched_dot(a_im, b_im, t2, PRECISION)
+    t3 = _batched_dot(a_re + a_im, b_re + b_im, t3, PRECISION)
+    return t1, t2, t3
+
+
+@triton.jit
+def _gauss_parts(t1, t2, t3):
+    """(Re, Im) of a complex product from the sums t1, t2, t3 of `_gauss_dots`."""
+    return t1 - t2, t3 - t1 - t2
 
 
 #################################################################################
@@ -146,7 +169,6 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_k = tl.arange(0, BLOCK_K)
-    pair = tl.arange(0, 2)
     mask_f, mask_r, mask_b = offs_f < F, offs_r < ROWS, offs_b < B
 
     p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, mask_f)
@@ -154,15 +176,14 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
         p4, p5 = -p4, -p5
     coef_ptr += g * coef_sg
     in_ptr += g.to(tl.int64) * in_sg
-    # Input tiles are read as (F, K, re/im, B) and seen as (F, 2K, B): rows 2k, 2k + 1
-    # hold re and im of channel k, so re(M x) = [M_re, -M_im] x and im(M x) = [M_im, M_re] x
-    # over the interleaved columns: two real dots.
-    in_fb = (offs_f.to(tl.int64)[:, None, None, None] * in_sf + pair[None, None, :, None]
-             + offs_b.to(tl.int64)[None, None, None, :] * in_sb)
-    mask_fb = mask_f[:, None, None, None] & mask_b[None, None, None, :]
+    # Input tiles (F, K, B): the real parts at the offsets of the float32 view, the
+    # imaginary parts one further.
+    in_fb = offs_f.to(tl.int64)[:, None, None] * in_sf + offs_b.to(tl.int64)[None, None, :] * in_sb
+    mask_fb = mask_f[:, None, None] & mask_b[None, None, :]
 
-    acc_re = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
-    acc_im = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
+    t1 = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
+    t2 = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
+    t3 = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < INNER
@@ -170,17 +191,18 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
             coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
             mask_r[:, None] & mask_k[None, :])
         m_re, m_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
-        xs = tl.load(in_ptr + in_fb + k[None, :, None, None] * in_sk,
-                     mask=mask_fb & mask_k[None, :, None, None], other=0.0)
-        xs = tl.reshape(xs, (BLOCK_F, 2 * BLOCK_K, BLOCK_B))
-        acc_re = _batched_dot(_interleave(m_re, -m_im), xs, acc_re, PRECISION)
-        acc_im = _batched_dot(_interleave(m_im, m_re), xs, acc_im, PRECISION)
+        x_offs = in_ptr + in_fb + k[None, :, None] * in_sk
+        mask_x = mask_fb & mask_k[None, :, None]
+        x_re = tl.load(x_offs, mask=mask_x, other=0.0)
+        x_im = tl.load(x_offs + 1, mask=mask_x, other=0.0)
+        t1, t2, t3 = _gauss_dots(m_re, m_im, x_re, x_im, t1, t2, t3, PRECISION)
 
     out_ptr += g.to(tl.int64) * out_sg
     out_offs = (offs_f.to(tl.int64)[:, None, None] * out_sf + offs_r[None, :, None] * out_sr
                 + offs_b.to(tl.int64)[None, None, :] * out_sb)
     mask = mask_f[:, None, None] & mask_r[None, :, None] & mask_b[None, None, :]
-    tl.store(out_ptr + out_offs[:, :, :, None] + pair, tl.join(acc_re, acc_im), mask=mask[:, :, :, None])
+    y_re, y_im = _gauss_parts(t1, t2, t3)
+    tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2), tl.join(y_re, y_im), mask=mask[:, :, :, None])
 
 
 @triton.jit
@@ -198,19 +220,16 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_b = tl.arange(0, BLOCK_B)
-    pair = tl.arange(0, 2)
     mask_o, mask_i = offs_o < C_OUT, offs_i < C_IN
     pair_offs = offs_o[:, None] * C_IN + offs_i[None, :]
     pair_mask = mask_o[:, None] & mask_i[None, :]
     c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr + g * coef_sg, coef_s6, pair_offs, pair_mask)
     x_ptr += g.to(tl.int64) * x_sg
     dy_ptr += g.to(tl.int64) * dy_sg
-    # dG = dy x^H over the interleaved (b, re/im) axis: dy is read as (O, B, re/im),
-    # x^H as rows (b, re/im) = (x_re, x_im) for Re dG and (-x_im, x_re) for Im dG.
-    dy_ob = offs_o[None, :, None, None] * dy_sc + pair[None, None, None, :]
-    x_bi = offs_i[None, None, None, :] * x_sc
-    x_swap = (1 - pair)[None, None, :, None]
-    x_sign = (2 * pair - 1).to(tl.float32)[None, None, :, None]
+    # dG = dy x^H as Gauss's product of dy (O, B) and conj(x)^T (B, I) over the batch;
+    # real parts at the offsets of the float32 views, imaginary parts one further.
+    dy_o = offs_o[None, :, None] * dy_sc
+    x_i = offs_i[None, None, :] * x_sc
 
     acc0 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
@@ -221,22 +240,23 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
     f_begin = split * F_PER_SPLIT
     for f in range(f_begin, tl.minimum(f_begin + F_PER_SPLIT, F)):
         offs_f = f + tl.arange(0, 1)
-        dy_f = dy_ptr + offs_f.to(tl.int64)[:, None, None, None] * dy_sf + dy_ob
-        x_f = x_ptr + offs_f.to(tl.int64)[:, None, None, None] * x_sf + x_bi
-        dg_re = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
-        dg_im = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
+        dy_f = dy_ptr + offs_f.to(tl.int64)[:, None, None] * dy_sf + dy_o
+        x_f = x_ptr + offs_f.to(tl.int64)[:, None, None] * x_sf + x_i
+        t1 = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
+        t2 = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
+        t3 = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
         for b0 in range(0, B, BLOCK_B):
             b = (b0 + offs_b).to(tl.int64)
             mask_b = b < B
-            dys = tl.load(dy_f + b[None, None, :, None] * dy_sb,
-                          mask=mask_o[None, :, None, None] & mask_b[None, None, :, None], other=0.0)
-            dys = tl.reshape(dys, (1, BLOCK_O, 2 * BLOCK_B))
-            x_offs = x_f + b[None, :, None, None] * x_sb
-            mask_x = mask_b[None, :, None, None] & mask_i[None, None, None, :]
-            xs = tl.load(x_offs + pair[None, None, :, None], mask=mask_x, other=0.0)
-            xs_swapped = x_sign * tl.load(x_offs + x_swap, mask=mask_x, other=0.0)
-            dg_re = _batched_dot(dys, tl.reshape(xs, (1, 2 * BLOCK_B, BLOCK_I)), dg_re, PRECISION)
-            dg_im = _batched_dot(dys, tl.reshape(xs_swapped, (1, 2 * BLOCK_B, BLOCK_I)), dg_im, PRECISION)
+            dy_offs = dy_f + b[None, None, :] * dy_sb
+            mask_dy = mask_o[None, :, None] & mask_b[None, None, :]
+            x_offs = x_f + b[None, :, None] * x_sb
+            mask_x = mask_b[None, :, None] & mask_i[None, None, :]
+            t1, t2, t3 = _gauss_dots(tl.load(dy_offs, mask=mask_dy, other=0.0),
+                                     tl.load(dy_offs + 1, mask=mask_dy, other=0.0),
+                                     tl.load(x_offs, mask=mask_x, other=0.0),
+                                     -tl.load(x_offs + 1, mask=mask_x, other=0.0), t1, t2, t3, PRECISION)
+        dg_re, dg_im = _gauss_parts(t1, t2, t3)
         p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, offs_f < F)
         s_re, s_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
         de_re = tl.reshape(dg_re * s_re + dg_im * s_im, (BLOCK_O, BLOCK_I))
@@ -266,42 +286,60 @@ def _pow2_between(n, low, high):
 
 
 def _contract_tiles(B, rows, inner, precision):
-    """Every symbol tile made serves all BLOCK_B batch columns, and every coefficient
-    tile loaded serves BLOCK_F frequencies (coefficient loads are most of the traffic
-    from L2). A large batch takes 2D tiles (warpgroup MMA over BLOCK_R x BLOCK_B), two
-    frequencies at a time with tf32 (one program per multiprocessor); a small batch
-    takes BLOCK_F = 8 frequencies, one per warp, in 128 registers with tf32 (two
-    programs per multiprocessor). The float32-exact dot modes need more registers."""
-    block_b, block_r = _pow2_between(B, 8, 64), _pow2_between(rows, 16, 64)
-    tf32 = precision == "tf32"
-    if block_b >= 32:
-        return dict(BLOCK_F=2 if tf32 else 1, BLOCK_R=block_r, BLOCK_K=_pow2_between(inner, 8, 16),
-                    BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
-    return dict(BLOCK_F=8, BLOCK_R=min(block_r, 32), BLOCK_K=8, BLOCK_B=block_b, num_warps=8, num_stages=2,
-                maxnreg=128 if tf32 else None)
+    """Every symbol entry made serves all BLOCK_B batch columns, so a large batch
+    takes 2D tiles (one frequency, warpgroup MMA over BLOCK_R x BLOCK_B) and a small
+    batch takes BLOCK_F = 8 frequencies, one per warp (3D dots).
+
+    Registers per thread (ptxas for sm_90, Triton 3.6; 255 at most) bound the tiles:
+    the three sums of `_gauss_dots` take 3 BLOCK_F BLOCK_R BLOCK_B floats and the
+    symbol tile (re, im, their sum) 3 BLOCK_F BLOCK_R BLOCK_K, over 32 num_warps
+    threads. With tf32, 128 x 64 tiles over 8 warps (96 registers of sums) take
+    BLOCK_K = 32 in about 245, without spills where the batch is a multiple of 16
+    (else Triton drops the aligned loads and about 50 bytes spill, with BLOCK_K = 16
+    too); 64-row tiles run one warpgroup of 4
+    warps with BLOCK_K = 16 (about 220; BLOCK_K = 32 spills), as 8 warps on 64 rows
+    would split the batch columns and each warpgroup would make the whole symbol
+    tile, the MMA's A operand, again (so would a second frequency per program). The
+    float32-exact modes run FMA dots, whose operands take more registers: 64-row
+    tiles, BLOCK_K = 16, 8 warps (about 180). The small-batch tile takes about 115
+    registers uncapped, two programs per multiprocessor; capped at maxnreg = 128 it
+    spills, so no cap is set."""
+    block_b = _pow2_between(B, 8, 64)
+    if block_b < 32:
+        return dict(BLOCK_F=8, BLOCK_R=16, BLOCK_K=16, BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
+    if precision == "tf32":
+        block_r = _pow2_between(rows, 16, 128)
+        wide = block_r == 128
+        return dict(BLOCK_F=1, BLOCK_R=block_r, BLOCK_K=_pow2_between(inner, 16, 32 if wide else 16),
+                    BLOCK_B=block_b, num_warps=8 if wide else 4, num_stages=2, maxnreg=None)
+    return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=16, BLOCK_B=block_b, num_warps=8,
+                num_stages=2, maxnreg=None)
 
 
 def _grad_tiles(B, c_out, c_in, groups, F, device):
-    """Pair tiles of 64 x 32 keep the coefficients and six gradient accumulators in
-    registers; frequency splits give at least two programs per multiprocessor (their
-    partial sums are added afterwards)."""
-    block_o, block_i = _pow2_between(c_out, 16, 64), _pow2_between(c_in, 16, 32)
+    """Pair tiles of 64 x 32 keep the coefficients, six gradient accumulators and the
+    three dG sums of `_gauss_dots` in registers (about 210 with BLOCK_B = 32). The 64
+    rows stay when c_out is smaller: they make the dots warpgroup MMAs, where a
+    32-row tile takes Triton's older MMA layout, which repeats the accumulators over
+    the 8 warps and spills them. Frequency splits give at least two programs per
+    multiprocessor (their partial sums are added afterwards)."""
+    block_o, block_i = 64, _pow2_between(c_in, 16, 32)
     programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     splits = max(1, min(F, triton.cdiv(2 * sms, programs)))
-    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 8, 16), SPLITS=splits,
+    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 16, 32), SPLITS=splits,
                 num_warps=8, num_stages=1, maxnreg=None)
 
 
 def _with_overrides(defaults, tiles, contracted):
     """The defaults, with the entries of tiles that this kernel takes. The block named
-    contracted sets the dots' inner size, 2 * block interleaved (re, im) columns, which
-    float32 tl.dot needs to be at least 16 (Triton 3.6; 3.8 takes 8)."""
+    contracted is the dots' inner size, which float32 tl.dot needs to be at least 16
+    (Triton 3.6; 3.8 takes 8)."""
     cfg = {name: (tiles or {}).get(name, value) for name, value in defaults.items()}
-    if 2 * cfg[contracted] < 16:
-        raise ValueError(f"tiles[{contracted!r}] = {cfg[contracted]} is too small: the complex dots contract "
-                         f"2 * {contracted} real columns and float32 tl.dot needs at least 16; expected a power "
-                         "of two >= 8")
+    if cfg[contracted] < 16:
+        raise ValueError(f"tiles[{contracted!r}] = {cfg[contracted]} is too small: the real dots contract "
+                         f"{contracted} columns and float32 tl.dot needs at least 16; expected a power of two "
+                         ">= 16")
     return cfg
 
 
@@ -377,11 +415,11 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     phi_re (F, 4), phi_im (F, 2) float32 -> y complex64 (G, F, Co, B). Differentiable in
     x, a_re and a_im (conjugate-Wirtinger gradients, as the reference).
     input_precision is tl.dot's mode for the complex products: "tf32" (tensor cores,
-    relative error about 3e-4), "tf32x3" (about float32, three times the tensor-core
+    relative error about 1e-3), "tf32x3" (about float32, three times the tensor-core
     work) or "ieee" (float32 FMA). tiles overrides the tile sizes chosen from the
     shapes: keys BLOCK_F, BLOCK_R, BLOCK_K, BLOCK_B of the products, BLOCK_O, BLOCK_I,
     BLOCK_B, SPLITS of the coefficient gradient (powers of two; the contracted
-    BLOCK_K and gradient BLOCK_B at least 8), and Triton's num_warps, num_stages, maxnreg.
+    BLOCK_K and gradient BLOCK_B at least 16), and Triton's num_warps, num_stages, maxnreg.
     """
     if x.dtype != torch.complex64 or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):
         raise ValueError(f"spectral_product takes complex64 x and float32 coefficients and features; got "

@@ -29,10 +29,10 @@ runs_here = pytest.mark.skipif(not (CUDA or INTERPRETER),
 needs_cuda = pytest.mark.skipif(not CUDA, reason="model sizes need a CUDA GPU (too slow in the interpreter)")
 
 # Tiles small enough to give several tiles along every axis of small shapes (and
-# frequency splits), valid for compiled float32 dots (contracted sizes 2 BLOCK_K and
-# 2 BLOCK_B of the gradient >= 16). The products run 2D dots for BLOCK_F = 1 and 2 and
+# frequency splits), valid for compiled float32 dots (contracted sizes BLOCK_K and
+# BLOCK_B of the gradient >= 16). The products run 2D dots for BLOCK_F = 1 and 2 and
 # 3D dots for the shapes' own tiles at small batches (BLOCK_F = 8).
-SMALL_TILES = dict(BLOCK_F=2, BLOCK_R=4, BLOCK_K=8, BLOCK_B=8, BLOCK_O=4, BLOCK_I=8, SPLITS=3, num_warps=2)
+SMALL_TILES = dict(BLOCK_F=2, BLOCK_R=4, BLOCK_K=16, BLOCK_B=16, BLOCK_O=4, BLOCK_I=8, SPLITS=3, num_warps=2)
 SMALL_2D_TILES = dict(SMALL_TILES, BLOCK_F=1, BLOCK_R=16, BLOCK_O=16)
 
 
@@ -105,10 +105,11 @@ def test_sincos_is_float32_accurate():
 
 @runs_here
 @pytest.mark.parametrize("groups,c_out,c_in,grid_size,batch,tiles", [
-    (2, 6, 9, (3, 2), 9, SMALL_TILES),        # several tiles on every axis, ragged edges
+    (2, 6, 20, (3, 2), 20, SMALL_TILES),      # several tiles on every axis, ragged edges
     (1, 20, 6, (2, 3), 5, SMALL_2D_TILES),
     (1, 5, 3, (5, 3), 3, None),               # tiles from the shapes, one partial tile each
     (3, 16, 16, (4, 4), 1, None),
+    (1, 130, 40, (2, 3), 33, None),           # a large batch's 2D tiles (128 rows, BLOCK_K = 32)
 ])
 def test_matches_reference(groups, c_out, c_in, grid_size, batch, tiles):
     check_against_reference(groups, c_out, c_in, grid_size, batch, 2e-5, tiles=tiles, input_precision="ieee")
@@ -133,11 +134,11 @@ def test_rejects_float64():
 
 
 def test_rejects_tiles_too_small_for_dots():
-    # BLOCK_K = 4 contracts 8 real columns; Triton 3.6's float32 dots need 16.
+    # BLOCK_K = 8 contracts 8 columns; Triton 3.6's float32 dots need 16.
     x = torch.zeros(1, 2, 3, 4, dtype=torch.complex64)
     a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
     with pytest.raises(ValueError, match="BLOCK_K"):
-        sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2), tiles=dict(BLOCK_K=4))
+        sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2), tiles=dict(BLOCK_K=8))
 
 
 @runs_here
