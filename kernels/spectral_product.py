@@ -14,8 +14,9 @@ tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
 
   y      = S x      one program per (row tile, frequency block, group and batch
   grad_x = S^H dy   tile), looping over the contracted channels; the adjoint is the
-                    same kernel with the coefficient tile read transposed and the
-                    phase features negated (conj S = exp(... - 1j phi_im . a_im));
+                    same kernel on a transposed copy of the coefficients (6 C^2
+                    floats) with the phase features negated
+                    (conj S = exp(... - 1j phi_im . a_im));
   grad_a            dE = (dy x^H) * conj(S) per frequency, grad_a_re = sum_f Re(dE)
                     phi_re[f], grad_a_im = sum_f Im(dE) phi_im[f]: one program per
                     (channel-pair tile, group, frequency split), looping over
@@ -160,8 +161,9 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
                      ADJOINT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_F: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """out[g, f, r, b] = sum_k M[g, f, r, k] in[g, f, k, b] with M = S (r output, k input
-    channels; coefficients read at (r, k)) or, ADJOINT, M = S^H (r input, k output
-    channels; coefficients read at (k, r), phase negated)."""
+    channels) or, ADJOINT, M = S^H (r input, k output channels; phase negated). The
+    coefficients are read at (r, k): the adjoint's are the transposed planes, so that
+    both load their tiles contiguous along k, in vectorized loads."""
     pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_tiles = tl.cdiv(B, BLOCK_B)
     g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
@@ -354,10 +356,11 @@ def _contract(inp, coef, phi_re, phi_im, adjoint, precision, tiles):
     cfg = _with_overrides(_contract_tiles(B, rows, inner, precision), tiles, "BLOCK_K")
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
     src, dst = torch.view_as_real(inp), torch.view_as_real(out)
-    pair_strides = (coef.stride(3), coef.stride(2)) if adjoint else (coef.stride(2), coef.stride(3))
+    if adjoint:
+        coef = coef.transpose(2, 3).contiguous()     # (6, G, Ci, Co): S^H's rows are S's columns
     _contract_kernel[grid](dst, src, coef, phi_re, phi_im, F, B, rows, inner,
-                           *src.stride()[:4], *dst.stride()[:4], coef.stride(0), coef.stride(1),
-                           *pair_strides, ADJOINT=adjoint, PRECISION=precision, **cfg)
+                           *src.stride()[:4], *dst.stride()[:4], *coef.stride(), ADJOINT=adjoint,
+                           PRECISION=precision, **cfg)
     return out
 
 
