@@ -298,14 +298,13 @@ def _contract_tiles(B, rows, inner, precision):
     threads. With tf32, 128 x 64 tiles over 8 warps (96 registers of sums) take
     BLOCK_K = 32 in about 245, without spills where the batch is a multiple of 16
     (else Triton drops the aligned loads and about 50 bytes spill, with BLOCK_K = 16
-    too); 64-row tiles run one warpgroup of 4
-    warps with BLOCK_K = 16 (about 220; BLOCK_K = 32 spills), as 8 warps on 64 rows
-    would split the batch columns and each warpgroup would make the whole symbol
-    tile, the MMA's A operand, again (so would a second frequency per program). The
-    float32-exact modes run FMA dots, whose operands take more registers: 64-row
-    tiles, BLOCK_K = 16, 8 warps (about 180). The small-batch tile takes about 115
-    registers uncapped, two programs per multiprocessor; capped at maxnreg = 128 it
-    spills, so no cap is set."""
+    too); 64-row tiles run one warpgroup of 4 warps with BLOCK_K = 16 (about 220;
+    BLOCK_K = 32 spills), as 8 warps on 64 rows would split the batch columns and
+    each warpgroup would make the whole symbol tile, the MMA's A operand, again (so
+    would a second frequency per program). The float32-exact modes run FMA dots,
+    whose operands take more registers: 64-row tiles, BLOCK_K = 16, 8 warps (about
+    180). The small-batch tile takes about 115 registers uncapped, two programs per
+    multiprocessor; capped at maxnreg = 128 it spills, so no cap is set."""
     block_b = _pow2_between(B, 8, 64)
     if block_b < 32:
         return dict(BLOCK_F=8, BLOCK_R=16, BLOCK_K=16, BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
