@@ -15,6 +15,7 @@ An out-of-memory cell is reported as OOM, not a crash. Results go to stdout as a
 Markdown table and to --out-dir as JSON and a PNG plot.
 """
 import argparse
+import gc
 import json
 import os
 import platform
@@ -33,8 +34,22 @@ from train import CUDAGraphStep
 #                               Measurement                                     #
 #################################################################################
 
+def start_cell(device):
+    """Free what earlier cells left behind and restart CUDA's peak-memory counter.
+
+    Call it before a cell builds its model: the peak that `measure` reports then covers
+    the model, its warm-up and, with --cuda-graph, the graph capture. A replayed graph
+    allocates nothing, so its step's activations are only seen while it is captured;
+    and a captured graph keeps its memory pool until the garbage collector frees it.
+    """
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def measure(step, device, warmup=3, repeats=10, budget=30.0):
-    """Median seconds of step() and its peak CUDA memory in bytes (None on CPU).
+    """Median seconds of step() and the peak CUDA memory in bytes since `start_cell` (None on CPU).
 
     Repeats are cut so one cell takes about `budget` seconds at most (one run at
     least). Returns ("OOM", None) when the step runs out of device memory.
@@ -47,9 +62,6 @@ def measure(step, device, warmup=3, repeats=10, budget=30.0):
             torch.cuda.synchronize(device)
         per_run = (time.perf_counter() - t0) / max(1, warmup)
         repeats = max(1, min(repeats, int(budget / max(per_run, 1e-9))))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(repeats):
             if device.type == "cuda":
@@ -203,6 +215,7 @@ def bench_models(args, device, cells, make_step, name, title):
     for size, patch, image_size in cells:
         base = None
         for system in args.systems:
+            start_cell(device)
             try:
                 model, params = build_system(size, patch, image_size, system, device, compile=args.compile)
                 step = make_step(model, args.batch, image_size, device, cuda_graph=args.cuda_graph)
@@ -217,7 +230,8 @@ def bench_models(args, device, cells, make_step, name, title):
             tokens = (image_size // patch) ** 2
             rows.append({"model": f"{size}/{patch}", "image": image_size, "tokens": tokens, "system": system,
                          "params_M": f"{params / 1e6:.2f}" if isinstance(params, int) else params,
-                         "ms": fmt_time(t), "peak_GiB": fmt_mem(mem), "speedup_vs_sdpa": ratio, "seconds": t})
+                         "ms": fmt_time(t), "peak_GiB": fmt_mem(mem), "speedup_vs_sdpa": ratio, "seconds": t,
+                         "peak_bytes": mem})
             print(f"  {size}/{patch} {image_size}px {system:16s} {fmt_time(t)} ms  {fmt_mem(mem)} GiB", flush=True)
 
     def plot(path):
@@ -276,6 +290,7 @@ def bench_mixer(args, device):
     for grid in args.grids:
         base = None
         for name in args.systems:
+            start_cell(device)
             module = build_mixer(name, args.dim, args.heads).to(device)
             x = torch.randn(args.batch, grid * grid, args.dim, device=device, requires_grad=True)
 
@@ -290,7 +305,7 @@ def bench_mixer(args, device):
             ratio = base / t if isinstance(t, float) and isinstance(base, float) else "-"
             rows.append({"grid": f"{grid}x{grid}", "tokens": grid * grid, "system": name, "ms": fmt_time(t),
                          "peak_GiB": fmt_mem(mem), "speedup_vs_sdpa": ratio if ratio == "-" else f"{ratio:.2f}",
-                         "seconds": t})
+                         "seconds": t, "peak_bytes": mem})
             print(f"  {name:16s} grid {grid:4d}: {fmt_time(t)} ms", flush=True)
 
     def plot(path):

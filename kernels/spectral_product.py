@@ -287,7 +287,7 @@ def _pow2_between(n, low, high):
     return min(high, max(low, triton.next_power_of_2(n)))
 
 
-def _contract_tiles(B, rows, inner, precision):
+def _contract_tiles(B, rows, precision):
     """Every symbol entry made serves all BLOCK_B batch columns, so a large batch
     takes 2D tiles (one frequency, warpgroup MMA over BLOCK_R x BLOCK_B) and a small
     batch takes BLOCK_F = 8 frequencies, one per warp (3D dots).
@@ -295,24 +295,24 @@ def _contract_tiles(B, rows, inner, precision):
     Registers per thread (ptxas for sm_90, Triton 3.6; 255 at most) bound the tiles:
     the three sums of `_gauss_dots` take 3 BLOCK_F BLOCK_R BLOCK_B floats and the
     symbol tile (re, im, their sum) 3 BLOCK_F BLOCK_R BLOCK_K, over 32 num_warps
-    threads. With tf32, 128 x 64 tiles over 8 warps (96 registers of sums) take
-    BLOCK_K = 32 in about 245, without spills where the batch is a multiple of 16
-    (else Triton drops the aligned loads and about 50 bytes spill, with BLOCK_K = 16
-    too); 64-row tiles run one warpgroup of 4 warps with BLOCK_K = 16 (about 220;
-    BLOCK_K = 32 spills), as 8 warps on 64 rows would split the batch columns and
-    each warpgroup would make the whole symbol tile, the MMA's A operand, again (so
-    would a second frequency per program). The float32-exact modes run FMA dots,
-    whose operands take more registers: 64-row tiles, BLOCK_K = 16, 8 warps (about
-    180). The small-batch tile takes about 115 registers uncapped, two programs per
+    threads. With tf32, 128 x 64 tiles over 8 warps (96 registers of sums) run
+    BLOCK_K = 16: BLOCK_K = 32 also fits (about 245 registers) but was 20% slower
+    on an H200 (C = 384, batch 64 and 250). A batch that is not a multiple of 16
+    makes Triton drop the aligned loads, and about 50 bytes spill. 64-row tiles run
+    one warpgroup of 4 warps with BLOCK_K = 16 (about 220; BLOCK_K = 32 spills): 8
+    warps on 64 rows would split the batch columns, and each warpgroup would make
+    the whole symbol tile, the MMA's A operand, again (so would a second frequency
+    per program). The float32-exact modes run FMA dots, whose operands take more
+    registers: 64-row tiles, BLOCK_K = 16, 8 warps (about 180). The small-batch
+    tile takes about 115 registers uncapped, two programs per
     multiprocessor; capped at maxnreg = 128 it spills, so no cap is set."""
     block_b = _pow2_between(B, 8, 64)
     if block_b < 32:
         return dict(BLOCK_F=8, BLOCK_R=16, BLOCK_K=16, BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
     if precision == "tf32":
         block_r = _pow2_between(rows, 16, 128)
-        wide = block_r == 128
-        return dict(BLOCK_F=1, BLOCK_R=block_r, BLOCK_K=_pow2_between(inner, 16, 32 if wide else 16),
-                    BLOCK_B=block_b, num_warps=8 if wide else 4, num_stages=2, maxnreg=None)
+        return dict(BLOCK_F=1, BLOCK_R=block_r, BLOCK_K=16, BLOCK_B=block_b, num_warps=8 if block_r == 128 else 4,
+                    num_stages=2, maxnreg=None)
     return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=16, BLOCK_B=block_b, num_warps=8,
                 num_stages=2, maxnreg=None)
 
@@ -352,7 +352,7 @@ def _contract(inp, coef, phi_re, phi_im, adjoint, precision, tiles):
     rows = c_in if adjoint else c_out
     assert inner == (c_out if adjoint else c_in)
     out = torch.empty(G, F, rows, B, dtype=torch.complex64, device=inp.device)
-    cfg = _with_overrides(_contract_tiles(B, rows, inner, precision), tiles, "BLOCK_K")
+    cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
     src, dst = torch.view_as_real(inp), torch.view_as_real(out)
     if adjoint:

@@ -109,7 +109,7 @@ def test_sincos_is_float32_accurate():
     (1, 20, 6, (2, 3), 5, SMALL_2D_TILES),
     (1, 5, 3, (5, 3), 3, None),               # tiles from the shapes, one partial tile each
     (3, 16, 16, (4, 4), 1, None),
-    (1, 130, 40, (2, 3), 33, None),           # a large batch's 2D tiles (128 rows, BLOCK_K = 32)
+    (1, 130, 40, (2, 3), 33, None),           # a large batch's 2D tiles (128 rows, BLOCK_K = 16)
 ])
 def test_matches_reference(groups, c_out, c_in, grid_size, batch, tiles):
     check_against_reference(groups, c_out, c_in, grid_size, batch, 2e-5, tiles=tiles, input_precision="ieee")
