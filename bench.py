@@ -5,9 +5,11 @@
     python bench.py table9     # paper Table 9: S/B/L/XL forward at 256 px, patch 2, batch 4
     python bench.py scaling    # training step and peak memory against token count
     python bench.py mixer      # the mixer alone: forward + backward over grid sizes
+    python bench.py symbol     # the pairwise symbol product alone: fused kernel vs PyTorch (GPU)
 
 Every table puts side by side: attention through SDPA (flash where available),
-attention written out as softmax(QK^T)V (naive), and PDE-SSM with each coupling.
+attention written out as softmax(QK^T)V (naive), and PDE-SSM with each coupling;
+`symbol` puts the fused Triton kernel beside the PyTorch path it replaces.
 
 Every cell is measured in the same process: warm-up first, then the median of
 repeats, with CUDA synchronization (events) on GPU and bf16 autocast there.
@@ -25,6 +27,8 @@ import time
 import torch
 
 import flow
+import kernels
+import pde_ssm
 from models import Attention, DiT_models, build_model
 from pde_ssm import PDESSM
 from train import CUDAGraphStep
@@ -316,6 +320,75 @@ def bench_mixer(args, device):
     return write_results("mixer", rows, columns, args.out_dir, device, plot)
 
 
+#################################################################################
+#                    The pairwise symbol product alone                          #
+#################################################################################
+
+def symbol_product(spectrum, params, grid, cotangent=None, fused=False):
+    """`pde_ssm.apply_symbol` of spectrum (B, C, grid, grid // 2 + 1) with pairwise parameters
+    (K, b, r, tau), through the fused kernel or the PyTorch path. Returns the output and,
+    given a cotangent, the gradients of spectrum, K, b, r and tau for it."""
+    leaves = [t.detach().requires_grad_(cotangent is not None) for t in (spectrum, *params)]
+    previous, pde_ssm.FUSED_SPECTRAL_PRODUCT = pde_ssm.FUSED_SPECTRAL_PRODUCT, fused
+    try:
+        with torch.set_grad_enabled(cotangent is not None):
+            out = pde_ssm.apply_symbol(leaves[0], *leaves[1:], (grid, grid))
+    finally:
+        pde_ssm.FUSED_SPECTRAL_PRODUCT = previous
+    if cotangent is None:
+        return [out]
+    return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
+
+
+def relative_error(got, expected):
+    """The largest norm-wise relative error over matching tensors."""
+    return max(((g.to(e.dtype) - e).abs().norm() / e.abs().norm()).item() for g, e in zip(got, expected))
+
+
+def bench_symbol(args, device):
+    """The pairwise symbol product (Eq. 9 at every frequency, C x C per frequency) alone:
+    the PyTorch path against the fused Triton kernel, forward and forward + backward at a
+    PDESSM's initialization, each with its error against the PyTorch path in float64."""
+    if device.type != "cuda" or not kernels.HAS_TRITON:
+        raise SystemExit("bench.py symbol times the fused Triton kernel: it needs a CUDA device and Triton")
+    rows = []
+    for grid in args.grids:
+        params = [p.detach() for p in PDESSM(args.dim, coupling="pairwise").to(device).pde_parameters()]
+        spectrum = torch.fft.rfft2(torch.randn(args.batch, args.dim, grid, grid, device=device))
+        cotangent = torch.randn_like(spectrum)
+        frequencies = grid * (grid // 2 + 1)
+        flops = 8 * frequencies * args.dim ** 2 * args.batch  # one complex product; forward + backward: three
+        cells = []
+        for path, fused in (("pytorch", False), ("fused", True)):
+            start_cell(device)
+            forward, _ = measure(lambda: symbol_product(spectrum, params, grid, fused=fused), device, args.warmup,
+                                 args.repeats, args.budget)
+            both, mem = measure(lambda: symbol_product(spectrum, params, grid, cotangent, fused), device,
+                                args.warmup, args.repeats, args.budget)
+            cells.append((path, fused, forward, both, mem))
+        # The float64 product only after the timings, so that no peak includes it.
+        expected = symbol_product(spectrum.to(torch.complex128), [p.double() for p in params], grid,
+                                  cotangent.to(torch.complex128))
+        for path, fused, forward, both, mem in cells:
+            error = None
+            if isinstance(both, float):  # else out of memory
+                error = relative_error(symbol_product(spectrum, params, grid, cotangent, fused), expected)
+            rows.append({"grid": f"{grid}x{grid}", "frequencies": frequencies, "path": path,
+                         "fwd_ms": fmt_time(forward), "fwd_bwd_ms": fmt_time(both),
+                         "fwd_bwd_TFLOPs": "-" if error is None else f"{3 * flops / both / 1e12:.1f}",
+                         "peak_GiB": fmt_mem(mem), "rel_error": "-" if error is None else f"{error:.1e}",
+                         "seconds": both, "peak_bytes": mem, "error": error})
+            print(f"  {path:8s} grid {grid:4d}: {fmt_time(forward)} / {fmt_time(both)} ms", flush=True)
+        del expected
+
+    def plot(path):
+        plot_lines(rows, "frequencies", "path", path, f"pairwise symbol product forward+backward, batch "
+                   f"{args.batch}, C = {args.dim}", "frequencies (grid x (grid / 2 + 1))")
+
+    columns = ["grid", "frequencies", "path", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_TFLOPs", "peak_GiB", "rel_error"]
+    return write_results("symbol", rows, columns, args.out_dir, device, plot)
+
+
 def plot_lines(rows, x_key, series_key, path, title, xlabel):
     """Log-log plot of seconds against x_key, one line per series (OOM cells left out)."""
     import matplotlib
@@ -343,11 +416,13 @@ def plot_lines(rows, x_key, series_key, path, title, xlabel):
 #################################################################################
 
 BENCHMARKS = {"table5": bench_table5, "table8": bench_table8, "table9": bench_table9,
-              "scaling": bench_scaling, "mixer": bench_mixer}
+              "scaling": bench_scaling, "mixer": bench_mixer, "symbol": bench_symbol}
 
-# Per-benchmark defaults for batch size and grids, used where the flag is not given.
+# Per-benchmark defaults for batch size, grids and width, used where the flag is not given.
 DEFAULTS = {"table5": dict(batch=64), "table8": dict(batch=4), "table9": dict(batch=4),
-            "scaling": dict(batch=4, grids=[16, 32, 64, 128, 256]), "mixer": dict(batch=2, grids=[16, 32, 64, 128])}
+            "scaling": dict(batch=4, grids=[16, 32, 64, 128, 256]),
+            "mixer": dict(batch=2, grids=[16, 32, 64, 128], dim=64),
+            "symbol": dict(batch=64, grids=[16, 32, 64], dim=384)}
 
 
 def main(args):
@@ -358,8 +433,9 @@ def main(args):
     for key, value in DEFAULTS[args.benchmark].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.cuda_graph and (device.type != "cuda" or args.compile or args.benchmark == "mixer"):
-        raise SystemExit("bench.py: --cuda-graph needs a CUDA device, a model table (not mixer) and no --compile")
+    if args.cuda_graph and (device.type != "cuda" or args.compile or args.benchmark in ("mixer", "symbol")):
+        raise SystemExit("bench.py: --cuda-graph needs a CUDA device, a model table (not mixer or symbol) and no "
+                         "--compile")
     print(f"{args.benchmark} on {environment(device)}")
     BENCHMARKS[args.benchmark](args, device)
 
@@ -374,9 +450,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds one cell may take (fewer repeats if slow)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 64 for table5, 4 for table8/table9/scaling, 2 for mixer)")
+                        help="batch size (default: 64 for table5 and symbol, 4 for table8/table9/scaling, 2 for mixer)")
     parser.add_argument("--grids", type=int, nargs="+", default=None,
-                        help="scaling and mixer: token grid sides (default 16 .. 256 for scaling, 16 .. 128 for mixer)")
+                        help="scaling, mixer and symbol: token grid sides (default 16 .. 256 for scaling, 16 .. 128 "
+                             "for mixer, 16 .. 64 for symbol)")
     parser.add_argument("--size", choices=["T", "S", "B", "L", "XL"], default=None,
                         help="model size for table5/scaling (default S) and table8 (default XL; its patches 8, 4, 2 "
                              "need S or larger); T is the tiny CPU config (patches 1, 2, 4)")
@@ -388,7 +465,8 @@ def parse_args(argv=None):
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model tables: replay every step as one CUDA graph (train.py --cuda-graph), "
                              "which removes the kernel-launch overhead of small models")
-    parser.add_argument("--dim", type=int, default=64, help="mixer: token width (channels)")
+    parser.add_argument("--dim", type=int, default=None,
+                        help="mixer and symbol: token width, channels (default 64 for mixer, 384 for symbol: DiT-S)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
     return parser.parse_args(argv)
 

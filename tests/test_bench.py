@@ -40,6 +40,21 @@ def test_median_of_repeats():
     assert len(calls) == 7
 
 
+def test_symbol_benchmark_needs_a_gpu_with_triton():
+    with pytest.raises(SystemExit, match="symbol times the fused Triton kernel: it needs a CUDA device and Triton"):
+        bench.main(bench.parse_args(["symbol", "--device", "cpu"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernel needs a CUDA GPU")
+def test_symbol_benchmark_rows_and_errors_against_float64(tmp_path):
+    # Both paths against the product in float64: the PyTorch path in float32 to rounding, the kernel to tf32.
+    rows = run(tmp_path, "symbol", device="cuda", batch=32, dim=48, grids=[4, 6])
+    cells = [(row["grid"], row["path"]) for row in rows]
+    assert cells == [(grid, path) for grid in ("4x4", "6x6") for path in ("pytorch", "fused")]
+    assert all(row["error"] < {"pytorch": 1e-5, "fused": 5e-3}[row["path"]] for row in rows)
+    assert all(row["seconds"] > 0 and row["peak_bytes"] > 0 for row in rows)
+
+
 def test_cuda_graph_needs_a_cuda_model_table():
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
         bench.main(bench.parse_args(["mixer", "--device", "cpu", "--cuda-graph"]))
