@@ -238,8 +238,10 @@ def bench_models(args, device, cells, make_step, name, title):
                          "peak_bytes": mem})
             print(f"  {size}/{patch} {image_size}px {system:16s} {fmt_time(t)} ms  {fmt_mem(mem)} GiB", flush=True)
 
-    def plot(path):
-        plot_lines(rows, "tokens", "system", path, title, "tokens")
+    def plot(path):  # one line per system and image size (table5 has two)
+        several = len({row["image"] for row in rows}) > 1
+        lines = [dict(row, line=row["system"] + (f", {row['image']} px" if several else "")) for row in rows]
+        plot_lines(lines, "tokens", "line", path, title, "tokens")
 
     columns = ["model", "image", "tokens", "system", "params_M", "ms", "peak_GiB", "speedup_vs_sdpa"]
     return write_results(name, rows, columns, args.out_dir, device, plot)
@@ -396,7 +398,8 @@ def plot_lines(rows, x_key, series_key, path, title, xlabel):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for series in dict.fromkeys(r[series_key] for r in rows):
-        pts = [(r[x_key], r["seconds"]) for r in rows if r[series_key] == series and isinstance(r["seconds"], float)]
+        pts = sorted((r[x_key], r["seconds"]) for r in rows
+                     if r[series_key] == series and isinstance(r["seconds"], float))
         if pts:
             ax.plot(*zip(*pts), marker="o", label=series)
     ax.set_xscale("log")
