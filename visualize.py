@@ -179,17 +179,20 @@ def read_metrics(run):
     """
     The records of a run's metrics.jsonl (`run` is the run folder or the file itself), in step order. A
     run resumed from a checkpoint logs again the steps after it that an interrupted process had logged
-    already: a record whose step is below one seen before drops the earlier records from its step on,
-    so every step keeps the records of the process that went on.
+    already: a training record (one with a loss) whose step is not above the last training record's
+    drops the earlier records from its step on, so every step keeps the records of the process that
+    went on. (The FID proxy's record of a step follows the training record of the same step.)
     """
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; expected a run folder of train.py holding metrics.jsonl")
-    records = []
+    records, last_trained = [], None
     with open(path) as f:
         for record in (json.loads(line) for line in f if line.strip()):
-            if records and record["step"] < records[-1]["step"]:
-                records = [r for r in records if r["step"] < record["step"]]
+            if "loss" in record:
+                if last_trained is not None and record["step"] <= last_trained:
+                    records = [r for r in records if r["step"] < record["step"]]
+                last_trained = record["step"]
             records.append(record)
     return records
 

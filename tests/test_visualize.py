@@ -60,6 +60,12 @@ def test_metrics_of_a_resumed_run_keep_the_process_that_went_on(tmp_path):
     assert [(r["step"], r.get("loss"), r.get("fid")) for r in visualize.read_metrics(run)] == [
         (1, 1.0, None), (2, 1.0, None), (3, 1.0, None), (4, 2.0, None), (4, None, 8.0), (5, 2.0, None),
         (6, 2.0, None)]
+    # Killed after logging step 5, resumed from the step-4 checkpoint: the new process logs step 5 again.
+    third = [{"step": 5, "loss": 3.0}, {"step": 6, "loss": 3.0}]
+    run = write_run(tmp_path / "again", first + third)
+    assert [(r["step"], r.get("loss"), r.get("fid")) for r in visualize.read_metrics(run)] == [
+        (1, 1.0, None), (2, 1.0, None), (3, 1.0, None), (4, 1.0, None), (4, None, 9.0), (5, 3.0, None),
+        (6, 3.0, None)]
 
 
 @pytest.fixture
