@@ -304,8 +304,8 @@ def _contract_tiles(B, rows, precision):
     the whole symbol tile, the MMA's A operand, again (so would a second frequency
     per program). The float32-exact modes run FMA dots, whose operands take more
     registers: 64-row tiles, BLOCK_K = 16, 8 warps (about 180). The small-batch
-    tile takes about 115 registers uncapped, two programs per
-    multiprocessor; capped at maxnreg = 128 it spills, so no cap is set."""
+    tile takes about 115 registers uncapped, two programs per multiprocessor;
+    capped at maxnreg = 128 it spills, so no cap is set."""
     block_b = _pow2_between(B, 8, 64)
     if block_b < 32:
         return dict(BLOCK_F=8, BLOCK_R=16, BLOCK_K=16, BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
