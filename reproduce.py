@@ -15,12 +15,15 @@ table1: Table 1 with Figures 2 and 3. DiT-S/2, UNet-S and PDESSM-DiT-S/2 (the "l
         the class-conditional samples; plus training step time and peak GPU memory.
 table7: Table 7, the PDE-term ablation of PDESSM-DiT-S/2 under the same recipe: all terms, diffusion +
         reaction, diffusion + convection, convection, diffusion, reaction (a removed term is zero and
-        frozen); FID on 64 features over 256 samples, as the paper (which used Oxford-Flowers).
+        frozen); FID on 64 features of the first 256 samples, as the paper (which used Oxford-Flowers),
+        and with --num-samples a multiple of --fid-set-size the mean and SD of the FIDs of the disjoint
+        sets of 256, the noise of one such FID.
 
 Everything goes to <results-dir>/<table>-<dataset>/: a folder per leg (train.py's run folder with
 checkpoints/, metrics.jsonl and log.txt; samples/ from sample_ddp.py; result.json once evaluated),
 and table.md / table.json, samples.png (real | DiT | U-Net | PDE-SSM-DiT) and curves.png (training
-loss and FID proxy over steps with the internal-FID floor) for table1; table7.md / table7.json.
+loss and FID proxy over steps with the internal-FID floor) for table1; table7.md / table7.json,
+samples.png and curves.png for table7.
 
 Long studies can be cut into short commands: a leg whose result.json matches the flags is not
 redone; an interrupted leg resumes from its newest checkpoint (train.py --resume auto) and its
@@ -93,6 +96,11 @@ def main(args):
         raise ValueError(f"unknown legs {sorted(unknown)} for {args.table}; choose from {', '.join(legs)}")
     args.max_steps = args.max_steps or DEFAULT_STEPS[args.table]
     args.num_samples = args.num_samples or DEFAULT_SAMPLES[args.table]
+    if args.table == "table7":
+        if args.fid_set_size <= TABLE7_FEATURE_DIM:
+            raise ValueError(f"--fid-set-size must exceed the {TABLE7_FEATURE_DIM} features of Table 7's FID "
+                             f"(FID needs more samples than features), got {args.fid_set_size}")
+        args.fid_set_size = min(args.fid_set_size, args.num_samples)  # fewer samples: one set of them all
     out_dir = os.path.join(args.results_dir, f"{args.table}-{args.dataset}")
     # TF32 matmuls and convolutions on Ampere and newer GPUs, as DiT's train.py and sample.py allow.
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -134,14 +142,17 @@ def leg_config(args, leg):
     result.json holds another config is redone.
     """
     model, terms = leg_model(args, leg)
-    return dict(model=model, pdessm_terms=terms and list(terms), dataset=args.dataset, data_path=data_path(args),
-                image_size=args.image_size, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
-                lr=args.lr, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                precision=precision(args),
-                num_samples=args.num_samples, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
-                sample_precision=sample_precision(args),
-                cfg_scale=args.cfg_scale, mse_images=args.mse_images, ref_split=args.ref_split,
-                classifier=args.classifier if args.dataset == "fashion-mnist" else None)
+    config = dict(model=model, pdessm_terms=terms and list(terms), dataset=args.dataset, data_path=data_path(args),
+                  image_size=args.image_size, max_steps=args.max_steps, global_batch_size=args.global_batch_size,
+                  lr=args.lr, ema_decay=args.ema_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
+                  precision=precision(args),
+                  num_samples=args.num_samples, sampler=args.sampler, num_sampling_steps=args.num_sampling_steps,
+                  sample_precision=sample_precision(args),
+                  cfg_scale=args.cfg_scale, mse_images=args.mse_images, ref_split=args.ref_split,
+                  classifier=args.classifier if args.dataset == "fashion-mnist" else None)
+    if args.table == "table7":  # table7 only, so that finished table1 legs stay done
+        config["fid_set_size"] = args.fid_set_size
+    return config
 
 
 def precision(args):
@@ -257,12 +268,17 @@ def evaluate_table1_leg(args, ckpt, npz, device):
 
 
 def evaluate_table7_leg(args, ckpt, npz, device):
-    """Table 7's FID: 64 features (Fashion-MNIST classifier, else Inception) of the samples against the reference."""
+    """
+    Table 7's FID: 64 features (Fashion-MNIST classifier, else Inception) of each disjoint set of
+    --fid-set-size consecutive samples against the reference; "fid" is the first set's, the paper's protocol.
+    """
     features, weights = feature_network(args)
-    fid = evaluate.fid_proxy(evaluate.load_images(npz), data_path(args), features=features,
-                             feature_dim=TABLE7_FEATURE_DIM, split=args.ref_split, weights=weights,
-                             batch_size=args.eval_batch_size, device=str(device))
-    return {"fid": fid, "features": f"{features}-{TABLE7_FEATURE_DIM}"}
+    images, size = evaluate.load_images(npz), args.fid_set_size
+    fids = [evaluate.fid_proxy(images[i * size:(i + 1) * size], data_path(args), features=features,
+                               feature_dim=TABLE7_FEATURE_DIM, split=args.ref_split, weights=weights,
+                               batch_size=args.eval_batch_size, device=str(device))
+            for i in range(len(images) // size)]
+    return {"fid": fids[0], "fid_sets": fids, "set_size": size, "features": f"{features}-{TABLE7_FEATURE_DIM}"}
 
 
 def training_summary(run_dir):
@@ -366,29 +382,31 @@ def write_table1(args, out_dir, device):
     write_json(os.path.join(out_dir, "table.json"), {"results": results, "internal_fid": floor, "features": features})
     written = [os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.json")]
 
-    finished = {leg: r for leg, r in results.items() if r is not None}
-    if finished:
-        path = os.path.join(out_dir, "samples.png")
-        plot_sample_panels(args, finished, path)
-        written.append(path)
-    runs = [leg for leg in TABLE1_LEGS if os.path.isfile(os.path.join(out_dir, leg, "metrics.jsonl"))]
-    if runs:
-        path = os.path.join(out_dir, "curves.png")
-        plot_curves([os.path.join(out_dir, leg) for leg in runs], path,
-                    labels=[TABLE1_LEGS[leg][0] for leg in runs], internal_fid=floor)
-        written.append(path)
-    print(f"[table1] {len(finished)} of {len(TABLE1_LEGS)} legs finished; wrote {', '.join(written)}")
+    written += write_figures(args, out_dir, results, TABLE1_LEGS, internal_fid=floor)
+    finished = sum(r is not None for r in results.values())
+    print(f"[table1] {finished} of {len(TABLE1_LEGS)} legs finished; wrote {', '.join(written)}")
 
 
 def write_table7(args, out_dir, device):
-    """table7.md and table7.json: one row of FIDs across the six variants, the paper's layout."""
+    """
+    table7.md and table7.json: a row of FIDs across the six variants, the paper's layout, and when every
+    finished variant has several sets of samples, a row of their FIDs' mean and standard deviation.
+    """
     results = {leg: read_json(os.path.join(out_dir, leg, "result.json")) for leg in TABLE7_LEGS}
     labels = [label for label, _ in TABLE7_LEGS.values()]
-    ours = [f"{r['fid']:.3f}" if r else "not run yet" for r in results.values()]
-    first = next((r for r in results.values() if r is not None), None)
-    name = f"FID ({first['features']}, {first['config']['num_samples']} samples)" if first else "FID"
-    lines = [f"# Table 7 (PDE-term ablation) on {args.dataset}", "",
-             markdown_table([""] + labels, [[name] + ours]), ""]
+    finished = [r for r in results.values() if r is not None]
+    first = finished[0] if finished else None
+    name = f"FID ({first['features']}, first {first['set_size']} samples)" if first else "FID"
+    rows = [[name] + [f"{r['fid']:.3f}" if r else "not run yet" for r in results.values()]]
+    spread = finished and all(len(r["fid_sets"]) > 1 for r in finished)
+    if spread:
+        rows.append([f"FID mean ± SD over {len(first['fid_sets'])} sets of {first['set_size']}"]
+                    + [f"{statistics.mean(r['fid_sets']):.3f} ± {statistics.stdev(r['fid_sets']):.3f}" if r
+                       else "not run yet" for r in results.values()])
+    lines = [f"# Table 7 (PDE-term ablation) on {args.dataset}", "", markdown_table([""] + labels, rows), ""]
+    if spread:
+        lines += [f"Each set is a disjoint set of {first['set_size']} consecutive samples, so the SD shows the "
+                  f"noise of a single {first['set_size']}-sample FID.", ""]
     if first is not None:
         config = first["config"]
         lines += [f"{config['model']}, {config['max_steps']} steps at batch {config['global_batch_size']}, "
@@ -399,25 +417,46 @@ def write_table7(args, out_dir, device):
               markdown_table([""] + labels, [["FID"] + [f"{v:.3f}" for v in PAPER_TABLE7.values()]]), ""]
     write_text(os.path.join(out_dir, "table7.md"), "\n".join(lines))
     write_json(os.path.join(out_dir, "table7.json"), {"results": results, "columns": labels})
+    written = [os.path.join(out_dir, "table7.md"), os.path.join(out_dir, "table7.json")]
+    written += write_figures(args, out_dir, results, TABLE7_LEGS)
     done = sum(r is not None for r in results.values())
-    print(f"[table7] {done} of {len(TABLE7_LEGS)} variants finished; wrote {os.path.join(out_dir, 'table7.md')} "
-          f"and {os.path.join(out_dir, 'table7.json')}")
+    print(f"[table7] {done} of {len(TABLE7_LEGS)} variants finished; wrote {', '.join(written)}")
+
+
+def write_figures(args, out_dir, results, legs, internal_fid=None):
+    """
+    samples.png (Figure 2: the finished legs' samples beside real images) and curves.png (Figure 3: the
+    training curves of every leg that has logged), for the legs so far; returns the paths written.
+    """
+    written = []
+    finished = {leg: r for leg, r in results.items() if r is not None}
+    if finished:
+        written.append(os.path.join(out_dir, "samples.png"))
+        plot_sample_panels(args, [(legs[leg][0], r) for leg, r in finished.items()], written[-1])
+    runs = [leg for leg in legs if os.path.isfile(os.path.join(out_dir, leg, "metrics.jsonl"))]
+    if runs:
+        written.append(os.path.join(out_dir, "curves.png"))
+        plot_curves([os.path.join(out_dir, leg) for leg in runs], written[-1],
+                    labels=[legs[leg][0] for leg in runs], internal_fid=internal_fid)
+    return written
 
 
 def plot_sample_panels(args, results, out, count=50):
     """
-    Figure 2: real test images beside each finished leg's first `count` samples, one grid per panel with
-    ten columns, so column k holds class k (sample i has label i % 10) in every panel.
+    Figure 2: real test images beside the first `count` samples of each (title, result) in `results`, one
+    grid per panel with ten columns, so column k holds class k (sample i has label i % 10) in every panel.
     """
     images, labels = held_out_images(args)
-    count = min(count, min(r["config"]["num_samples"] for r in results.values()))
+    count = min(count, min(r["config"]["num_samples"] for _, r in results))
     by_class = [np.flatnonzero(labels.numpy() == k) for k in range(10)]
     real = sample.to_uint8(images[[by_class[i % 10][i // 10] for i in range(count)]])
-    panels = [("real", real)] + [(TABLE1_LEGS[leg][0], evaluate.load_images(r["samples"])[:count])
-                                 for leg, r in results.items()]
-    rows = -(-count // 10)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 0.33 * rows + 0.5), squeeze=False)
-    for ax, (title, grid_images) in zip(axes[0], panels):
+    panels = [("real", real)] + [(title, evaluate.load_images(r["samples"])[:count]) for title, r in results]
+    rows, cols = -(-count // 10), min(len(panels), 4)  # at most four panels side by side
+    lines = -(-len(panels) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(3.3 * cols, (0.33 * rows + 0.5) * lines), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, grid_images) in zip(axes.flat, panels):
         grid = make_grid(torch.from_numpy(grid_images).permute(0, 3, 1, 2), nrow=10, padding=1, pad_value=255)
         ax.imshow(grid.permute(1, 2, 0).numpy())
         ax.set_title(title)
@@ -513,6 +552,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=int, default=None,
                         help="samples per leg (default 10,000 for table1, compared with the 10,000 test images; "
                              "the paper's FID uses 50,000; 256 for table7, as the paper)")
+    parser.add_argument("--fid-set-size", type=int, default=256,
+                        help="table7: samples per FID, as the paper (256); with --num-samples a multiple of it, "
+                             "the table adds the mean and standard deviation over the disjoint sets")
     parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")
     parser.add_argument("--sample-precision", type=str, choices=list(sample.PRECISIONS), default=None,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import datasets
+import evaluate
 import fmnist_classifier
 import models
 import reproduce
@@ -142,7 +143,9 @@ def test_table7_six_variants_with_removed_terms_frozen(tmp_path, data, monkeypat
     assert [c.strip() for c in header.strip("|").split("|")][1:] == [
         "Baseline", "Diffusion + Reaction", "Diffusion + Convection", "Convection", "Diffusion", "Reaction"]
     (name, cells), = table_rows(os.path.join(out, "table7.md")).items()
-    assert name.startswith("FID (fmnist-64, 70 samples)") and len(cells) == 6 and all(float(c) >= 0 for c in cells)
+    assert name.startswith("FID (fmnist-64, first 70 samples)")
+    assert len(cells) == 6 and all(float(c) >= 0 for c in cells)
+    assert os.path.getsize(os.path.join(out, "samples.png")) and os.path.getsize(os.path.join(out, "curves.png"))
     # The diffusion-only variant was trained with convection and reaction removed: zero buffers, not parameters.
     result = reproduce.read_json(os.path.join(out, "diffusion", "result.json"))
     model, _ = reproduce.checkpoint.load_model(result["checkpoint"], "cpu")
@@ -152,6 +155,29 @@ def test_table7_six_variants_with_removed_terms_frozen(tmp_path, data, monkeypat
         parameters = dict(mixer.named_parameters())
         assert "b" not in parameters and "r" not in parameters and "chol" in parameters
         assert not mixer.b.any() and not mixer.r.any()
+
+
+def test_table7_fid_over_disjoint_sample_sets(tmp_path, data, monkeypatch):
+    out = run("table7", data, tmp_path, "--max-steps", "1", "--legs", "full", "--num-samples", "140",
+              "--fid-set-size", "70", monkeypatch=monkeypatch)
+    result = reproduce.read_json(os.path.join(out, "full", "result.json"))
+    assert result["set_size"] == 70 and len(result["fid_sets"]) == 2 and result["fid"] == result["fid_sets"][0]
+    # Each set's FID computed directly on its slice of the samples.
+    folder, classifier = data
+    images = evaluate.load_images(result["samples"])
+    for fid, part in zip(result["fid_sets"], (images[:70], images[70:140])):
+        expected = evaluate.fid_proxy(part, folder, features="fmnist", feature_dim=64, split="test", weights=classifier)
+        assert fid == pytest.approx(expected, rel=1e-6)
+    rows = table_rows(os.path.join(out, "table7.md"))
+    first, spread = rows["FID (fmnist-64, first 70 samples)"], rows["FID mean ± SD over 2 sets of 70"]
+    fids = np.array(result["fid_sets"])
+    assert first[0] == f"{fids[0]:.3f}" and spread[0] == f"{fids.mean():.3f} ± {fids.std(ddof=1):.3f}"
+    assert first[1:] == spread[1:] == ["not run yet"] * 5
+
+
+def test_fid_set_size_must_exceed_the_features(tmp_path, data, monkeypatch):
+    with pytest.raises(ValueError, match="--fid-set-size must exceed the 64 features.*got 64"):
+        run("table7", data, tmp_path, "--fid-set-size", "64", monkeypatch=monkeypatch)
 
 
 def test_unknown_leg_is_a_clear_error(tmp_path, data, monkeypatch):
