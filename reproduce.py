@@ -17,7 +17,7 @@ table7: Table 7, the PDE-term ablation of PDESSM-DiT-S/2 under the same recipe: 
         reaction, diffusion + convection, convection, diffusion, reaction (a removed term is zero and
         frozen); FID on 64 features of the first 256 samples, as the paper (which used Oxford-Flowers),
         and with --num-samples a multiple of --fid-set-size the mean and SD of the FIDs of the disjoint
-        sets of 256, the noise of one such FID.
+        sets of that size, the noise of one such FID.
 
 Everything goes to <results-dir>/<table>-<dataset>/: a folder per leg (train.py's run folder with
 checkpoints/, metrics.jsonl and log.txt; samples/ from sample_ddp.py; result.json once evaluated),
