@@ -442,6 +442,9 @@ class PDESSM(nn.Module):
         self._term("reaction", "r", torch.full(pairs, -0.5 * math.log(fan_in)), torch.zeros(pairs))
         self.log_tau = nn.Parameter(torch.zeros(pairs))
 
+    # The parameters of zeta = (K, b, r, tau): K's Cholesky factor, b, r, log tau (a removed term has none).
+    COEFFICIENTS = ("chol", "b", "r", "log_tau")
+
     def _term(self, term, name, init, off):
         """A PDE term is a parameter when kept, a frozen buffer ("off") when removed."""
         if term in self.terms:

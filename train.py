@@ -34,6 +34,7 @@ import datasets
 import flow
 import models
 import sample
+from pde_ssm import PDESSM
 
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -195,6 +196,31 @@ def check_resumable(state, path, args, model_kwargs):
                          "it was trained with, or start a new run with another --run-dir")
 
 
+def gradient_groups(model):
+    """
+    The parameters whose gradient norms are logged apart, so that a loss spike shows where it starts:
+    "pde" the PDE coefficients of every PDE-SSM mixer (K's Cholesky factor, b, r, log tau), "mixer" the
+    rest of the blocks' spatial mixers (attention, or PDE-SSM's projections and Gamma embeddings),
+    "other" everything else. Empty groups are left out.
+    """
+    pde = {id(p) for m in model.modules() if isinstance(m, PDESSM)
+           for name, p in m.named_parameters(recurse=False) if name in PDESSM.COEFFICIENTS}
+    mixer = {id(p) for m in model.modules() if isinstance(m, models.DiTBlock) for p in m.attn.parameters()}
+    groups = {"pde": [], "mixer": [], "other": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups["pde" if id(p) in pde else "mixer" if id(p) in mixer else "other"].append(p)
+    return {name: params for name, params in groups.items() if params}
+
+
+def gradient_norm(params):
+    """The 2-norm of the gradients of params (a device tensor, no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def weights_digest(model):
     """SHA-256 of every parameter and buffer, to check that all DDP ranks hold the same weights."""
     digest = hashlib.sha256()
@@ -317,28 +343,31 @@ def train(args, rank, world_size, device):
         if dist.is_initialized():
             dist.barrier()
 
+    groups = gradient_groups(model)
+
     def train_step(x, y):
-        """One optimizer step on the batch (x, y); returns (loss, gradient norm) as one device tensor
-        (no host sync)."""
+        """One optimizer step on the batch (x, y); returns (loss, gradient norm, the norm of each of
+        `groups`) as one device tensor (no host sync)."""
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
                             cache_enabled=not args.cuda_graph):
             loss = flow.training_losses(train_model, x, dict(y=y if args.num_classes > 0 else None),
                                         t_dist=args.t_dist)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)  # the clipped and logged norm is that of the true gradient
+        scaler.unscale_(opt)  # the clipped and logged norms are those of the true gradient
+        group_norms = [gradient_norm(params) for params in groups.values()]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         scaler.step(opt)
         scaler.update()
         update_ema(ema, model, args.ema_decay)
-        return torch.stack([loss.detach(), grad_norm])
+        return torch.stack([loss.detach(), grad_norm, *group_norms])
 
     if args.cuda_graph:
         train_step = CUDAGraphStep(train_step)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     first_step, log_steps, start = step, 0, time.time()
     running_sum = torch.zeros(2, device=device)      # (loss, gradient norm) summed over the interval
-    grad_norm_max = torch.zeros((), device=device)
+    grad_norm_max = torch.zeros(1 + len(groups), device=device)  # the gradient norm and its groups' maxima
     bar = tqdm(total=args.max_steps, initial=step, desc=run_name(args), disable=rank != 0, dynamic_ncols=True)
     while step < args.max_steps and epoch < args.epochs:
         sampler.set_epoch(epoch)
@@ -358,16 +387,18 @@ def train(args, rank, world_size, device):
             if args.space == "latent" and not latent_data:
                 x = checkpoint.encode(vae, x)
             stats = train_step(x, y)
-            running_sum += stats
-            torch.maximum(grad_norm_max, stats[1], out=grad_norm_max)
+            running_sum += stats[:2]
+            torch.maximum(grad_norm_max, stats[1:], out=grad_norm_max)
 
             step += 1
             batch_in_epoch += 1
             log_steps += 1
             bar.update(1)
             if step % args.log_every == 0:
-                log_metrics(logger, metrics_path, rank, device, step, running_sum / log_steps, grad_norm_max,
-                            log_steps / (time.time() - start), args.global_batch_size, bar)
+                maxima = grad_norm_max.tolist()
+                log_metrics(logger, metrics_path, rank, device, step, running_sum / log_steps, maxima[0],
+                            dict(zip(groups, maxima[1:])), log_steps / (time.time() - start),
+                            args.global_batch_size, bar)
                 log_steps, start = 0, time.time()
                 running_sum.zero_()
                 grad_norm_max.zero_()
@@ -420,20 +451,24 @@ def fid_proxy(args, ema, vae, noise_shape, batch_size):
                               weights=args.eval_weights, device=device)
 
 
-def log_metrics(logger, metrics_path, rank, device, step, means, grad_norm_max, steps_per_sec, global_batch, bar):
+def log_metrics(logger, metrics_path, rank, device, step, means, grad_norm_max, group_max, steps_per_sec,
+                global_batch, bar):
     """
     Log the interval's mean loss (averaged over ranks) and gradient norm (mean and max: a spike shows
-    in the max first) with the throughput and peak GPU memory; append them to metrics.jsonl.
+    in the max first; `group_max` holds the maxima of the `gradient_groups`) with the throughput and
+    peak GPU memory; append them to metrics.jsonl.
     """
     if dist.is_initialized():
         dist.all_reduce(means, op=dist.ReduceOp.SUM)
         means = means / dist.get_world_size()
     loss, grad_norm = means.tolist()
     mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    record = dict(step=step, loss=loss, grad_norm=grad_norm, grad_norm_max=grad_norm_max.item(),
-                  steps_per_sec=steps_per_sec, images_per_sec=steps_per_sec * global_batch, mem_gb=mem)
+    record = dict(step=step, loss=loss, grad_norm=grad_norm, grad_norm_max=grad_norm_max,
+                  grad_norm_max_by_group=group_max, steps_per_sec=steps_per_sec,
+                  images_per_sec=steps_per_sec * global_batch, mem_gb=mem)
+    groups = ", ".join(f"{name} {value:.3f}" for name, value in group_max.items())
     logger.info(f"(step={step:07d}) Train Loss: {loss:.4f}, Grad Norm: {grad_norm:.3f} (max "
-                f"{record['grad_norm_max']:.3f}), Train Steps/Sec: {steps_per_sec:.2f}, "
+                f"{grad_norm_max:.3f}; {groups}), Train Steps/Sec: {steps_per_sec:.2f}, "
                 f"Images/Sec: {record['images_per_sec']:.1f}, Max GPU Mem: {'n/a' if mem is None else f'{mem:.2f} GB'}")
     bar.set_postfix(loss=f"{loss:.4f}")
     if rank == 0:

@@ -222,6 +222,30 @@ def test_gradient_clipping_shrinks_the_first_adam_step(tmp_path, npz_data):
     assert moves["1e-9"] < 0.2e-3
 
 
+@pytest.mark.parametrize("model, groups", [("DiT-T/4", {"mixer", "other"}),
+                                           ("PDESSM-DiT-T/4", {"pde", "mixer", "other"})])
+def test_gradient_groups_partition_the_gradient_norm(tmp_path, npz_data, model, groups):
+    """The groups' gradient norms (one step per record, so each maximum is that step's norm) add up in
+    squares to the whole gradient's norm, as disjoint groups covering every parameter must. DiT starts
+    with a zero output layer and zero adaLN gates, so the mixers get gradients from the third step on.
+    The PDE coefficients are K's Cholesky factor, b, r and log tau of each block."""
+    run(tmp_path, "--model", model, "--max-steps", "3", data=npz_data)
+    records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    for record in records:
+        by_group = record["grad_norm_max_by_group"]
+        assert set(by_group) == groups
+        assert sum(v * v for v in by_group.values()) ** 0.5 == pytest.approx(record["grad_norm"], rel=1e-5)
+    first, _, third = (r["grad_norm_max_by_group"] for r in records)
+    assert first["other"] > 0 and all(first[g] == 0 for g in groups - {"other"})
+    assert min(third.values()) > 0
+    if "pde" in groups:
+        model = models.build_model(model, input_size=8, num_classes=10)
+        pde = {id(p) for p in train.gradient_groups(model)["pde"]}
+        names = [n for n, p in model.named_parameters() if id(p) in pde]
+        assert sorted({n.split(".")[-1] for n in names}) == ["b", "chol", "log_tau", "r"]
+        assert len(names) == 4 * len(model.blocks)
+
+
 def test_cuda_graph_needs_one_cuda_process(tmp_path, npz_data):
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device"):
