@@ -23,7 +23,8 @@ Everything goes to <results-dir>/<table>-<dataset>/: a folder per leg (train.py'
 checkpoints/, metrics.jsonl and log.txt; samples/ from sample_ddp.py; result.json once evaluated),
 and table.md / table.json, samples.png (real | DiT | U-Net | PDE-SSM-DiT) and curves.png (training
 loss and FID proxy over steps with the internal-FID floor) for table1; table7.md / table7.json,
-samples.png and curves.png for table7.
+samples.png and curves.png for table7; for both, gradients.png (each leg's largest gradient norm per
+log interval, of all parameters and of each parameter group: where a loss spike starts).
 
 Long studies can be cut into short commands: a leg whose result.json matches the flags is not
 redone; an interrupted leg resumes from its newest checkpoint (train.py --resume auto) and its
@@ -57,7 +58,7 @@ import sample
 import sample_ddp
 import train
 from pde_ssm import TERMS
-from visualize import plot_curves, read_metrics
+from visualize import logs_gradient_groups, plot_curves, plot_gradient_norms, read_metrics
 
 
 # The three systems of Table 1: leg -> (row label, model at each --model-scale).
@@ -425,8 +426,9 @@ def write_table7(args, out_dir, device):
 
 def write_figures(args, out_dir, results, legs, internal_fid=None):
     """
-    samples.png (Figure 2: the finished legs' samples beside real images) and curves.png (Figure 3: the
-    training curves of every leg that has logged), for the legs so far; returns the paths written.
+    samples.png (Figure 2: the finished legs' samples beside real images), curves.png (Figure 3: the
+    training curves of every leg that has logged) and gradients.png (their largest gradient norms by
+    parameter group, where logged), for the legs so far; returns the paths written.
     """
     written = []
     finished = {leg: r for leg, r in results.items() if r is not None}
@@ -436,8 +438,11 @@ def write_figures(args, out_dir, results, legs, internal_fid=None):
     runs = [leg for leg in legs if os.path.isfile(os.path.join(out_dir, leg, "metrics.jsonl"))]
     if runs:
         written.append(os.path.join(out_dir, "curves.png"))
-        plot_curves([os.path.join(out_dir, leg) for leg in runs], written[-1],
-                    labels=[legs[leg][0] for leg in runs], internal_fid=internal_fid)
+        folders, labels = [os.path.join(out_dir, leg) for leg in runs], [legs[leg][0] for leg in runs]
+        plot_curves(folders, written[-1], labels=labels, internal_fid=internal_fid)
+        if any(logs_gradient_groups(folder) for folder in folders):
+            written.append(os.path.join(out_dir, "gradients.png"))
+            plot_gradient_norms(folders, written[-1], labels=labels)
     return written
 
 

@@ -4,6 +4,7 @@ Pictures of trained runs, as PNGs:
     python visualize.py kernels  --ckpt results/001-PDESSM-DiT-S-2/checkpoints/0400000.pt --out kernels.png
     python visualize.py ssm-maps --ckpt ... --images photo.png --out ssm_maps.png
     python visualize.py curves   results/000-DiT-S-2 results/001-PDESSM-DiT-S-2 --out curves.png
+    python visualize.py gradients results/000-DiT-S-2 results/001-PDESSM-DiT-S-2 --out gradients.png
 
 kernels:  the paper's Figure 1 from learned weights: for every PDE-SSM block (one row per layer) a few
           of its Green's functions G = IFFT exp(tau lambda(k)) (pde_ssm.pde_kernel), picked from the
@@ -12,6 +13,9 @@ ssm-maps: the paper's Figure 6: the norm over channels of each PDE-SSM block's o
           when an image is fed through the network (at flow time t = 1, the clean image, by default).
 curves:   the paper's Figure 3: training loss and the FID proxy over steps of one or more runs
           (their metrics.jsonl), e.g. DiT and PDE-SSM-DiT side by side, with the internal FID as floor.
+gradients: the largest gradient norm of each logging interval over steps, of all parameters and of
+          each parameter group of train.py (PDE coefficients, rest of the mixers, everything else), to
+          see in which parameters the gradient grew at a loss spike.
 """
 import argparse
 import json
@@ -35,6 +39,8 @@ from pde_ssm import PDESSM, pde_kernel
 def main(args):
     if args.command == "curves":
         plot_curves(args.runs, args.out, labels=args.labels, internal_fid=args.internal_fid)
+    elif args.command == "gradients":
+        plot_gradient_norms(args.runs, args.out, labels=args.labels)
     else:
         model, state = checkpoint.load_model(args.ckpt, "cpu", weights=args.weights)
         if args.command == "kernels":
@@ -197,14 +203,20 @@ def read_metrics(run):
     return records
 
 
+def run_labels(runs, labels=None):
+    """The legend names of runs: labels (one per run) or the run folders' names."""
+    labels = labels or [os.path.basename(os.path.normpath(run)) for run in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    return labels
+
+
 def plot_curves(runs, out, labels=None, internal_fid=None):
     """
     Training loss (left) and FID proxy (right, log scale) over steps for each run, from the "loss" and
     "fid" keys of their metrics.jsonl records; internal_fid draws the data's own floor.
     """
-    labels = labels or [os.path.basename(os.path.normpath(run)) for run in runs]
-    if len(labels) != len(runs):
-        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    labels = run_labels(runs, labels)
     fig, (ax_loss, ax_fid) = plt.subplots(1, 2, figsize=(11, 4))
     any_fid = False
     for n, (run, label) in enumerate(zip(runs, labels)):
@@ -228,6 +240,45 @@ def plot_curves(runs, out, labels=None, internal_fid=None):
     ax_loss.set(xlabel="step", ylabel="training loss", title="Flow-matching loss")
     ax_fid.set(xlabel="step", ylabel="FID proxy", title="FID proxy")
     ax_loss.legend()
+    _save(fig, out)
+
+
+# Panel titles of train.py's gradient groups (metrics.jsonl "grad_norm_max_by_group").
+GRADIENT_GROUP_TITLES = {"pde": "PDE coefficients (K, b, r, tau)", "mixer": "rest of the spatial mixers",
+                         "other": "everything else"}
+
+
+def logs_gradient_groups(run):
+    """Whether the run's metrics.jsonl has per-group gradient maxima (train.py's gradient groups)."""
+    return any("grad_norm_max_by_group" in record for record in read_metrics(run))
+
+
+def plot_gradient_norms(runs, out, labels=None):
+    """
+    The largest gradient norm of every logging interval (before clipping) over steps, log scale: of all
+    parameters (metrics.jsonl "grad_norm_max") and of each parameter group ("grad_norm_max_by_group"),
+    one panel each, one colour per run. A group that a run lacks (DiT has no PDE coefficients) has no
+    line in that panel.
+    """
+    labels = run_labels(runs, labels)
+    records = [read_metrics(run) for run in runs]
+    groups = list(dict.fromkeys(name for rs in records for r in rs for name in r.get("grad_norm_max_by_group", {})))
+    if not groups:
+        raise ValueError(f"no gradient-group maxima in the metrics.jsonl of {runs}: train.py logs "
+                         "grad_norm_max_by_group per log interval")
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4.2 * (1 + len(groups)), 3.8), sharex=True, sharey=True)
+    for ax, group in zip(axes, [None] + groups):
+        for n, (rs, label) in enumerate(zip(records, labels)):
+            trained = [r for r in rs if "loss" in r]
+            maxima = [r.get("grad_norm_max") if group is None else r.get("grad_norm_max_by_group", {}).get(group)
+                      for r in trained]
+            points = [(r["step"], m) for r, m in zip(trained, maxima) if m is not None]
+            if points:
+                ax.plot(*zip(*points), label=label, color=f"C{n}", linewidth=1)
+        ax.set(xlabel="step", yscale="log",
+               title="all parameters" if group is None else GRADIENT_GROUP_TITLES.get(group, group))
+    axes[0].set_ylabel("largest gradient norm per log interval")
+    axes[0].legend(fontsize="small")
     _save(fig, out)
 
 
@@ -258,10 +309,12 @@ if __name__ == "__main__":
     maps.add_argument("--num-images", type=int, default=2, help="how many of the images to show, one per row")
     maps.add_argument("--t", type=float, default=1.0, help="flow time the image is given at (1 = clean data)")
     maps.add_argument("--blocks", type=int, nargs="+", default=None, help="block indices (default: all)")
-    curves = commands.add_parser("curves", help="loss and FID proxy over steps of runs (Figure 3)")
-    curves.add_argument("runs", type=str, nargs="+", help="run folders (or metrics.jsonl files)")
-    curves.add_argument("--labels", type=str, nargs="+", default=None, help="legend names (default: folder names)")
-    curves.add_argument("--internal-fid", type=float, default=None,
-                        help="the data's internal FID (evaluate.py --internal), drawn as the floor")
-    curves.add_argument("--out", type=str, default="curves.png", help="PNG to write")
+    for name, help_text in (("curves", "loss and FID proxy over steps of runs (Figure 3)"),
+                            ("gradients", "largest gradient norm per log interval, by parameter group")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("runs", type=str, nargs="+", help="run folders (or metrics.jsonl files)")
+        sub.add_argument("--labels", type=str, nargs="+", default=None, help="legend names (default: folder names)")
+        sub.add_argument("--out", type=str, default=f"{name}.png", help="PNG to write")
+    commands.choices["curves"].add_argument("--internal-fid", type=float, default=None,
+                                            help="the data's internal FID (evaluate.py --internal), drawn as the floor")
     main(parser.parse_args())

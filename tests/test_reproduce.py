@@ -109,7 +109,7 @@ def test_table1_three_rows_skip_finished_legs_and_continue_one(tmp_path, data, m
         device = re.search(r"process\(es\) on (\w+)", open(os.path.join(out, leg, "log.txt")).read()).group(1)
         assert (float(memory) > 0) if device == "cuda" else (memory == "n/a (CPU)"), (device, memory)
     assert test_x.pow(2).mean() < 0.5  # the gray test split, not the black train split (mean(x1^2) near 1)
-    for name in ("samples.png", "curves.png", "table.json", "internal_fid.json"):
+    for name in ("samples.png", "curves.png", "gradients.png", "table.json", "internal_fid.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0
     samples = np.load(reproduce.read_json(os.path.join(out, "dit", "result.json"))["samples"])
     assert samples["arr_0"].shape == (70, 8, 8, 1)

@@ -52,6 +52,41 @@ def test_curves_plot_the_logged_loss_and_fid(tmp_path, monkeypatch):
         visualize.plot_curves([str(tmp_path / "missing")], str(out))
 
 
+def test_gradient_norms_plot_each_group_of_each_run(tmp_path, monkeypatch):
+    def record(step, total, **groups):
+        return {"step": step, "loss": 0.5, "grad_norm": 0.1, "grad_norm_max": total, "grad_norm_max_by_group": groups}
+    dit = write_run(tmp_path / "dit", [record(100, 2.0, mixer=1.0, other=1.5), {"step": 100, "fid": 9.0},
+                                       record(200, 3.0, mixer=2.5, other=0.5)])
+    ssm = write_run(tmp_path / "ssm", [record(100, 4.0, pde=0.1, mixer=3.0, other=2.0),
+                                       record(200, 5.0, pde=0.2, mixer=1.0, other=4.0)])
+    old = write_run(tmp_path / "old", [{"step": 100, "loss": 0.5, "grad_norm": 0.1, "grad_norm_max": 7.0}])
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    def spy(self, *args, **kwargs):
+        drawn.append((self, kwargs.get("label"), list(args[0]), list(args[1])))
+        return real_plot(self, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    out = tmp_path / "gradients.png"
+    visualize.plot_gradient_norms([dit, ssm, old], str(out), labels=["DiT", "PDE-SSM-DiT", "before groups"])
+    assert read_png(out)[0] == "PNG"
+    panels = {}
+    for ax, label, steps, values in drawn:
+        panels.setdefault(ax.get_title(), []).append((label, steps, values))
+    # Groups in the order they first appear; a run without a group has no line in its panel.
+    assert list(panels) == ["all parameters", "rest of the spatial mixers", "everything else",
+                            "PDE coefficients (K, b, r, tau)"]
+    assert panels["all parameters"] == [("DiT", [100, 200], [2.0, 3.0]), ("PDE-SSM-DiT", [100, 200], [4.0, 5.0]),
+                                        ("before groups", [100], [7.0])]
+    assert panels["rest of the spatial mixers"] == [("DiT", [100, 200], [1.0, 2.5]),
+                                                    ("PDE-SSM-DiT", [100, 200], [3.0, 1.0])]
+    assert panels["PDE coefficients (K, b, r, tau)"] == [("PDE-SSM-DiT", [100, 200], [0.1, 0.2])]
+    assert [visualize.logs_gradient_groups(run) for run in (dit, ssm, old)] == [True, True, False]
+    visualize.main(argparse.Namespace(command="gradients", runs=[ssm], labels=None, out=str(tmp_path / "cli.png")))
+    assert read_png(tmp_path / "cli.png")[0] == "PNG"
+    with pytest.raises(ValueError, match="grad_norm_max_by_group"):
+        visualize.plot_gradient_norms([old], str(out))
+
+
 def test_metrics_of_a_resumed_run_keep_the_process_that_went_on(tmp_path):
     # Logged to step 5 (FID at 4), killed, resumed from the step-3 checkpoint and run to 6.
     first = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"step": 4, "fid": 9.0}, {"step": 5, "loss": 1.0}]
