@@ -323,12 +323,15 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
     rows stay when c_out is smaller: they make the dots warpgroup MMAs, where a
     32-row tile takes Triton's older MMA layout, which repeats the accumulators over
     the 8 warps and spills them. Frequency splits give at least two programs per
-    multiprocessor (their partial sums are added afterwards)."""
+    multiprocessor (their partial sums are added afterwards). Batch tiles of up to 64
+    columns: at batch 64 (C = 384, 16x16 and 32x32 grids, H200) one tile of 64 took
+    13% less time than two of 32; pipelining the loads over frequencies (num_stages 2
+    or 3, the frequency loop innermost) took 56% to 67% more."""
     block_o, block_i = 64, _pow2_between(c_in, 16, 32)
     programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     splits = max(1, min(F, triton.cdiv(2 * sms, programs)))
-    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 16, 32), SPLITS=splits,
+    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 16, 64), SPLITS=splits,
                 num_warps=8, num_stages=1, maxnreg=None)
 
 
