@@ -388,6 +388,14 @@ def write_table1(args, out_dir, device):
     print(f"[table1] {finished} of {len(TABLE1_LEGS)} legs finished; wrote {', '.join(written)}")
 
 
+def fid_sets(result):
+    """(FIDs of the disjoint sample sets, set size) of a table7 leg's result; a result.json written before
+    the sets were taken holds one FID, of all its samples."""
+    if "fid_sets" in result:
+        return result["fid_sets"], result["set_size"]
+    return [result["fid"]], result["config"]["num_samples"]
+
+
 def write_table7(args, out_dir, device):
     """
     table7.md and table7.json: a row of FIDs across the six variants, the paper's layout, and when every
@@ -395,19 +403,21 @@ def write_table7(args, out_dir, device):
     """
     results = {leg: read_json(os.path.join(out_dir, leg, "result.json")) for leg in TABLE7_LEGS}
     labels = [label for label, _ in TABLE7_LEGS.values()]
-    finished = [r for r in results.values() if r is not None]
-    first = finished[0] if finished else None
-    name = f"FID ({first['features']}, first {first['set_size']} samples)" if first else "FID"
+    finished = {leg: r for leg, r in results.items() if r is not None}
+    first = next(iter(finished.values()), None)
+    sets = {leg: fid_sets(r) for leg, r in finished.items()}
+    first_sets, size = fid_sets(first) if first else (None, None)
+    name = f"FID ({first['features']}, first {size} samples)" if first else "FID"
     rows = [[name] + [f"{r['fid']:.3f}" if r else "not run yet" for r in results.values()]]
-    spread = finished and all(len(r["fid_sets"]) > 1 for r in finished)
+    spread = finished and all(len(fids) > 1 for fids, _ in sets.values())
     if spread:
-        rows.append([f"FID mean ± SD over {len(first['fid_sets'])} sets of {first['set_size']}"]
-                    + [f"{statistics.mean(r['fid_sets']):.3f} ± {statistics.stdev(r['fid_sets']):.3f}" if r
-                       else "not run yet" for r in results.values()])
+        rows.append([f"FID mean ± SD over {len(first_sets)} sets of {size}"]
+                    + [f"{statistics.mean(sets[leg][0]):.3f} ± {statistics.stdev(sets[leg][0]):.3f}" if leg in sets
+                       else "not run yet" for leg in results])
     lines = [f"# Table 7 (PDE-term ablation) on {args.dataset}", "", markdown_table([""] + labels, rows), ""]
     if spread:
-        lines += [f"Each set is a disjoint set of {first['set_size']} consecutive samples, so the SD shows the "
-                  f"noise of a single {first['set_size']}-sample FID.", ""]
+        lines += [f"Each set is a disjoint set of {size} consecutive samples, so the SD shows the "
+                  f"noise of a single {size}-sample FID.", ""]
     if first is not None:
         config = first["config"]
         lines += [f"{config['model']}, {config['max_steps']} steps at batch {config['global_batch_size']}, "

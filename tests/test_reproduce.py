@@ -174,6 +174,17 @@ def test_table7_fid_over_disjoint_sample_sets(tmp_path, data, monkeypatch):
     assert first[0] == f"{fids[0]:.3f}" and spread[0] == f"{fids.mean():.3f} ± {fids.std(ddof=1):.3f}"
     assert first[1:] == spread[1:] == ["not run yet"] * 5
 
+    # A result.json written before the sets were taken (one FID of all its samples) still reports: its FID in
+    # the first row, and no mean-and-SD row, since it has one set.
+    old = {k: v for k, v in result.items() if k not in ("fid_sets", "set_size")}
+    os.makedirs(os.path.join(out, "reaction"))
+    reproduce.write_json(os.path.join(out, "reaction", "result.json"), dict(old, leg="reaction", fid=7.5))
+    run("table7", data, tmp_path, "--max-steps", "1", "--num-samples", "140", "--fid-set-size", "70",
+        "--report-only", monkeypatch=monkeypatch)
+    rows = table_rows(os.path.join(out, "table7.md"))
+    assert list(rows) == ["FID (fmnist-64, first 70 samples)"]
+    assert rows["FID (fmnist-64, first 70 samples)"] == [f"{fids[0]:.3f}"] + ["not run yet"] * 4 + ["7.500"]
+
 
 def test_fid_set_size_must_exceed_the_features(tmp_path, data, monkeypatch):
     with pytest.raises(ValueError, match="--fid-set-size must exceed the 64 features.*got 64"):
