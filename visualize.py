@@ -290,7 +290,8 @@ def _save(fig, out):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="PNG figures of trained runs: kernels, SSM maps, training curves, gradient norms.")
+    parser = argparse.ArgumentParser(
+        description="PNG figures of trained runs: kernels, SSM maps, training curves, gradient norms.")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("kernels", "learned PDE-SSM kernels, one row per block (Figure 1)"),
                             ("ssm-maps", "what each PDE-SSM block makes of input images (Figure 6)")):
