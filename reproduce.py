@@ -398,8 +398,9 @@ def fid_sets(result):
 
 def write_table7(args, out_dir, device):
     """
-    table7.md and table7.json: a row of FIDs across the six variants, the paper's layout, and when every
-    finished variant has several sets of samples, a row of their FIDs' mean and standard deviation.
+    table7.md and table7.json: a row of FIDs across the six variants, the paper's layout, when every
+    finished variant has several sets of samples a row of their FIDs' mean and standard deviation, and
+    a row of each variant's training steps.
     """
     results = {leg: read_json(os.path.join(out_dir, leg, "result.json")) for leg in TABLE7_LEGS}
     labels = [label for label, _ in TABLE7_LEGS.values()]
@@ -414,6 +415,8 @@ def write_table7(args, out_dir, device):
         rows.append([f"FID mean ± SD over {len(first_sets)} sets of {size}"]
                     + [f"{statistics.mean(sets[leg][0]):.3f} ± {statistics.stdev(sets[leg][0]):.3f}" if leg in sets
                        else "not run yet" for leg in results])
+    # Each leg's own length, as Table 1's Steps column: legs of one table can come from commands with other flags.
+    rows.append(["Training steps"] + [str(r["config"]["max_steps"]) if r else "" for r in results.values()])
     lines = [f"# Table 7 (PDE-term ablation) on {args.dataset}", "", markdown_table([""] + labels, rows), ""]
     if spread:
         lines += [f"Each set is a disjoint set of {size} consecutive samples, so the SD shows the "

@@ -142,9 +142,10 @@ def test_table7_six_variants_with_removed_terms_frozen(tmp_path, data, monkeypat
     header = text.split("\n\n")[1].splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")][1:] == [
         "Baseline", "Diffusion + Reaction", "Diffusion + Convection", "Convection", "Diffusion", "Reaction"]
-    (name, cells), = table_rows(os.path.join(out, "table7.md")).items()
+    (name, cells), steps = table_rows(os.path.join(out, "table7.md")).items()
     assert name.startswith("FID (fmnist-64, first 70 samples)")
     assert len(cells) == 6 and all(float(c) >= 0 for c in cells)
+    assert steps == ("Training steps", ["1"] * 6)
     assert os.path.getsize(os.path.join(out, "samples.png")) and os.path.getsize(os.path.join(out, "curves.png"))
     # The diffusion-only variant was trained with convection and reaction removed: zero buffers, not parameters.
     result = reproduce.read_json(os.path.join(out, "diffusion", "result.json"))
@@ -182,8 +183,9 @@ def test_table7_fid_over_disjoint_sample_sets(tmp_path, data, monkeypatch):
     run("table7", data, tmp_path, "--max-steps", "1", "--num-samples", "140", "--fid-set-size", "70",
         "--report-only", monkeypatch=monkeypatch)
     rows = table_rows(os.path.join(out, "table7.md"))
-    assert list(rows) == ["FID (fmnist-64, first 70 samples)"]
+    assert list(rows) == ["FID (fmnist-64, first 70 samples)", "Training steps"]
     assert rows["FID (fmnist-64, first 70 samples)"] == [f"{fids[0]:.3f}"] + ["not run yet"] * 4 + ["7.500"]
+    assert rows["Training steps"] == ["1", "", "", "", "", "1"]
 
 
 def test_fid_set_size_must_exceed_the_features(tmp_path, data, monkeypatch):
