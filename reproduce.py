@@ -81,6 +81,9 @@ TABLE7_MODEL = {"paper": "PDESSM-DiT-S/2", "tiny": "PDESSM-DiT-T/2"}
 DEFAULT_STEPS = {"table1": 400_000, "table7": 60_000}
 DEFAULT_SAMPLES = {"table1": 10_000, "table7": 256}
 TABLE7_FEATURE_DIM = 64  # the paper's Table 7: FID on 64 features
+# train.py's flags that decide what a leg trains: a leg's checkpoint made with other values is another run's.
+RECIPE_FLAGS = ("model", "pdessm_terms", "dataset", "image_size", "global_batch_size", "lr", "ema_decay",
+                "max_grad_norm", "global_seed", "precision")
 
 # The paper's numbers (CIFAR-10, 400K steps; Table 7 on Oxford-Flowers, 60K steps), printed for reference.
 PAPER_TABLE1 = {"dit": (29.6, 3.82e-2, 4.25), "unet": (32.6, 3.78e-2, 4.19), "pdessm-dit": (34.2, 3.76e-2, 4.18)}
@@ -98,9 +101,10 @@ def main(args):
     args.max_steps = args.max_steps or DEFAULT_STEPS[args.table]
     args.num_samples = args.num_samples or DEFAULT_SAMPLES[args.table]
     if args.table == "table7":
-        if args.fid_set_size <= TABLE7_FEATURE_DIM:
-            raise ValueError(f"--fid-set-size must exceed the {TABLE7_FEATURE_DIM} features of Table 7's FID "
-                             f"(FID needs more samples than features), got {args.fid_set_size}")
+        for flag, value in (("--fid-set-size", args.fid_set_size), ("--num-samples", args.num_samples)):
+            if value <= TABLE7_FEATURE_DIM:
+                raise ValueError(f"{flag} must exceed the {TABLE7_FEATURE_DIM} features of Table 7's FID "
+                                 f"(FID needs more samples than features), got {value}")
         args.fid_set_size = min(args.fid_set_size, args.num_samples)  # fewer samples: one set of them all
     out_dir = os.path.join(args.results_dir, f"{args.table}-{args.dataset}")
     # TF32 matmuls and convolutions on Ampere and newer GPUs, as DiT's train.py and sample.py allow.
@@ -140,7 +144,8 @@ def leg_model(args, leg):
 def leg_config(args, leg):
     """
     Everything that determines a leg's numbers, as result.json stores it (JSON types); a leg whose
-    result.json holds another config is redone.
+    result.json holds another config is sampled and evaluated again, after training on where --max-steps
+    grew (another training recipe is refused: check_recipe).
     """
     model, terms = leg_model(args, leg)
     config = dict(model=model, pdessm_terms=terms and list(terms), dataset=args.dataset, data_path=data_path(args),
@@ -205,11 +210,13 @@ def run_leg(args, leg, out_dir, rank, device):
         if rank == 0:
             print(f"[{args.table}] {leg}: done already ({result_path}); skipped")
         return
+    train_args = train.parse_args(train_flags(args, leg, run_dir))
+    check_recipe(run_dir, train_args)
     ckpt = checkpoint.checkpoint_path(run_dir, args.max_steps)
     if not os.path.isfile(ckpt):
         if device.type == "cuda":  # train.py logs the peak since this reset: this leg's, not an earlier leg's
             torch.cuda.reset_peak_memory_stats(device)
-        train.main(train.parse_args(train_flags(args, leg, run_dir)))
+        train.main(train_args)
     if args.train_only:
         if rank == 0:
             print(f"[{args.table}] {leg}: trained {config['model']} to step {args.max_steps} in {run_dir}/ "
@@ -227,6 +234,23 @@ def run_leg(args, leg, out_dir, rank, device):
               f"(checkpoints/, metrics.jsonl, log.txt), sampled {args.num_samples} images to {npz}, "
               f"wrote its metrics to {result_path}")
     barrier()
+
+
+def check_recipe(run_dir, train_args):
+    """
+    ValueError when the newest checkpoint in run_dir was trained with other RECIPE_FLAGS than train_args
+    (another seed, learning rate, ...): continuing it, or sampling it, would record its numbers under a
+    recipe it was not trained with. Flags that older checkpoints did not save are not compared.
+    """
+    path, state = checkpoint.latest_checkpoint(run_dir)
+    if state is None:
+        return
+    wanted = vars(train_args)
+    diffs = [f"{k}: checkpoint {state['args'][k]!r}, flags {wanted[k]!r}" for k in RECIPE_FLAGS
+             if k in state["args"] and state["args"][k] != wanted[k]]
+    if diffs:
+        raise ValueError(f"{path} was trained with another recipe than these flags ({'; '.join(diffs)}); pass "
+                         "the flags it was trained with, or another --results-dir for this recipe")
 
 
 #################################################################################
@@ -569,7 +593,7 @@ def parse_args(argv=None):
                         help="samples of each FID-proxy evaluation (compare proxies only at equal counts)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="samples per leg (default 10,000 for table1, compared with the 10,000 test images; "
-                             "the paper's FID uses 50,000; 256 for table7, as the paper)")
+                             "the paper's FID uses 50,000; 256 for table7, as the paper, and at least 65 there)")
     parser.add_argument("--fid-set-size", type=int, default=256,
                         help="table7: samples per FID, as the paper (256); with --num-samples a multiple of it, "
                              "the table adds the mean and standard deviation over the disjoint sets")

@@ -188,9 +188,33 @@ def test_table7_fid_over_disjoint_sample_sets(tmp_path, data, monkeypatch):
     assert rows["Training steps"] == ["1", "", "", "", "", "1"]
 
 
-def test_fid_set_size_must_exceed_the_features(tmp_path, data, monkeypatch):
+def test_fid_set_size_and_sample_count_must_exceed_the_features(tmp_path, data, monkeypatch):
     with pytest.raises(ValueError, match="--fid-set-size must exceed the 64 features.*got 64"):
         run("table7", data, tmp_path, "--fid-set-size", "64", monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match="--num-samples must exceed the 64 features.*got 64"):
+        run("table7", data, tmp_path, "--num-samples", "64", "--max-steps", "1", "--legs", "full",
+            monkeypatch=monkeypatch)
+
+
+def test_a_leg_trained_with_another_recipe_is_refused_and_left_as_it_was(tmp_path, data, monkeypatch):
+    out = run("table7", data, tmp_path, "--max-steps", "1", "--legs", "full", monkeypatch=monkeypatch)
+    leg = os.path.join(out, "full")
+    finished = open(os.path.join(leg, "result.json")).read()
+    # Another seed in the same results folder: sampling the seed-0 checkpoint would record it as seed 1's.
+    with pytest.raises(ValueError, match=r"0000001\.pt was trained with another recipe.*"
+                                         r"global_seed: checkpoint 0, flags 1.*another --results-dir"):
+        run("table7", data, tmp_path, "--max-steps", "1", "--legs", "full", "--seed", "1", monkeypatch=monkeypatch)
+    # More steps with another learning rate: the run is not continued under the new one.
+    with pytest.raises(ValueError, match="lr: checkpoint 0.0005, flags 0.001"):
+        run("table7", data, tmp_path, "--max-steps", "2", "--legs", "full", "--lr", "1e-3", monkeypatch=monkeypatch)
+    assert os.listdir(os.path.join(leg, "checkpoints")) == ["0000001.pt"]
+    assert open(os.path.join(leg, "result.json")).read() == finished
+    # Sampling flags alone may change: the same checkpoint is sampled and evaluated again.
+    run("table7", data, tmp_path, "--max-steps", "1", "--legs", "full", "--num-samples", "140",
+        monkeypatch=monkeypatch)
+    result = reproduce.read_json(os.path.join(leg, "result.json"))
+    assert result["config"]["num_samples"] == 140 and result["checkpoint"].endswith("0000001.pt")
+    assert os.listdir(os.path.join(leg, "checkpoints")) == ["0000001.pt"]
 
 
 def test_unknown_leg_is_a_clear_error(tmp_path, data, monkeypatch):
