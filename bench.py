@@ -439,6 +439,8 @@ def main(args):
     if args.cuda_graph and (device.type != "cuda" or args.compile or args.benchmark in ("mixer", "symbol")):
         raise SystemExit("bench.py: --cuda-graph needs a CUDA device, a model table (not mixer or symbol) and no "
                          "--compile")
+    if args.transforms == "fft":
+        pde_ssm.DENSE_TRANSFORMS = False
     print(f"{args.benchmark} on {environment(device)}")
     BENCHMARKS[args.benchmark](args, device)
 
@@ -471,6 +473,10 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=None,
                         help="mixer and symbol: token width, channels (default 64 for mixer, 384 for symbol: DiT-S)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
+    parser.add_argument("--transforms", choices=["auto", "fft"], default="auto",
+                        help="the pairwise and heads mixers' spectral transforms: auto (dense matrix products "
+                             "on grids of at most pde_ssm.DENSE_TRANSFORM_MAX_TOKENS tokens where the fused "
+                             "product runs, else rfft2/irfft2) or fft (always rfft2/irfft2)")
     return parser.parse_args(argv)
 
 

@@ -32,6 +32,7 @@ IFFT in the contract above (at the Nyquist frequencies of even grid sides the
 symbol acts through its Hermitian part, as a real output requires).
 """
 import argparse
+import functools
 import math
 
 import torch
@@ -60,6 +61,14 @@ PAIRWISE_SAVED_SYMBOL_ELEMENTS = 1 << 24
 # the PyTorch reference `_GroupedSpectralProduct` below (False), or, when None, fused
 # wherever it applies (complex64 on CUDA with Triton installed).
 FUSED_SPECTRAL_PRODUCT = None
+
+# Grids of at most this many tokens take the pairwise/grouped mixer's transforms as
+# dense matrix products (`dense_mix`: one product from the tokens to the spectrum in
+# the layout the fused product reads, one back), larger ones rfft2/irfft2. True or
+# False forces either; None (default) takes the dense transforms where the fused
+# product runs and the grid is small enough.
+DENSE_TRANSFORMS = None
+DENSE_TRANSFORM_MAX_TOKENS = 1024
 
 TERMS = ("diffusion", "convection", "reaction")
 COUPLINGS = ("pairwise", "diagonal", "heads")
@@ -232,28 +241,128 @@ def apply_symbol(h_hat, K, b, r, tau, grid_size, chunk_elements=None):
     """
     if K.dim() == 3:
         return pde_symbol(K, b, r, tau, grid_size) * h_hat
-    if K.dim() == 4:
-        K, b, r, tau = K[None], b[None], r[None], tau[None]
-    groups, c_out, c_in = K.shape[:3]
+    a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
+    groups, c_out, c_in = a_re.shape[:3]
     B, _, H, Wr = h_hat.shape
-    a_re, a_im = exponent_coefficients(K, b, r, tau)
-    phi_re, phi_im = _frequency_features(grid_size, K.device, K.dtype)
     # (B, G*Ci, H, Wr) -> (G, F, Ci, B): one small matrix product per frequency.
     x = h_hat.reshape(B, groups, c_in, H * Wr).permute(1, 3, 2, 0).contiguous()
-    fused = FUSED_SPECTRAL_PRODUCT
-    if fused is None:
-        fused = kernels.fused_spectral_product_applies(x)
-    if fused:
-        from kernels.spectral_product import spectral_product  # imports Triton only when used
-        y = spectral_product(x, a_re, a_im, phi_re, phi_im)
-    else:
-        pairs = groups * c_out * c_in
-        budget = chunk_elements or (PAIRWISE_CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else PAIRWISE_CHUNK_ELEMENTS)
-        chunk = max(1, budget // pairs)
-        save_symbol = (pairs * H * Wr <= PAIRWISE_SAVED_SYMBOL_ELEMENTS and torch.is_grad_enabled()
-                       and any(t.requires_grad for t in (x, a_re, a_im)))
-        y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, Wr)
+    y = _grouped_product(x, a_re, a_im, phi_re, phi_im, Wr, chunk_elements)
     return y.permute(3, 0, 2, 1).reshape(B, groups * c_out, H, Wr)
+
+
+def _grouped_operands(K, b, r, tau, grid_size):
+    """Pairwise (K (Co, Ci, 2, 2), ...) or grouped (K (G, Co, Ci, 2, 2), ...) parameters ->
+    a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2), phi_re (F, 4), phi_im (F, 2): the operands
+    of the grouped product (pairwise is one group)."""
+    if K.dim() == 4:
+        K, b, r, tau = K[None], b[None], r[None], tau[None]
+    a_re, a_im = exponent_coefficients(K, b, r, tau)
+    return (a_re, a_im) + _frequency_features(grid_size, K.device, K.dtype)
+
+
+def _fused(x):
+    """Whether the grouped product of spectrum x runs as the fused kernel (FUSED_SPECTRAL_PRODUCT)."""
+    return kernels.fused_spectral_product_applies(x) if FUSED_SPECTRAL_PRODUCT is None else FUSED_SPECTRAL_PRODUCT
+
+
+def _grouped_product(x, a_re, a_im, phi_re, phi_im, width, chunk_elements=None):
+    """Y[g, f, i, b] = sum_j S[g, f, i, j] X[g, f, j, b] for x complex (G, F, Ci, B) on the
+    rfft2 grid `width` (W // 2 + 1) frequencies wide: the fused kernel or the reference
+    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> (G, F, Co, B)."""
+    if _fused(x):
+        from kernels.spectral_product import spectral_product  # imports Triton only when used
+        return spectral_product(x, a_re, a_im, phi_re, phi_im)
+    pairs = math.prod(a_re.shape[:3])
+    budget = chunk_elements or (PAIRWISE_CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else PAIRWISE_CHUNK_ELEMENTS)
+    chunk = max(1, budget // pairs)
+    save_symbol = (pairs * x.shape[1] <= PAIRWISE_SAVED_SYMBOL_ELEMENTS and torch.is_grad_enabled()
+                   and any(t.requires_grad for t in (x, a_re, a_im)))
+    return _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, width)
+
+
+def dft_matrices(grid_size, device=None, dtype=torch.float32):
+    """Algorithm 1's embedding and rfft2, and the irfft2, as real matrices over row-major tokens.
+
+    Returns M (2, F, N, 3) and M_inv (N, 2, F), N = H W tokens, F = H (W // 2 + 1)
+    frequencies of the rfft2 grid of grid_size = (H, W). For the three real fields
+    u[:, s] (N, 3) of one channel (u_0, u_x, u_y of Eq. 6),
+        v = rfft2(u_0) + i k_x rfft2(u_x) + i k_y rfft2(u_y)                 (Eq. 6)
+    is Re v[f] = sum_{n, s} M[0, f, n, s] u[n, s], Im v[f] = sum_{n, s} M[1, f, n, s] u[n, s];
+    for any half spectrum y (F,) complex, irfft2(y)[n] = sum_f M_inv[n, 0, f] Re y[f]
+    + M_inv[n, 1, f] Im y[f] (columns other than k_x = 0 and Nyquist count twice, for
+    their conjugates; irfft2 drops the imaginary parts that a real output cannot hold).
+    """
+    H, W = grid_size
+    Wr = W // 2 + 1
+    # Phases 2 pi (f_y y / H + f_x x / W) from integer products reduced modulo the grid,
+    # in float64: exact up to the final rounding whatever the grid size.
+    fy, y = torch.arange(H, device=device), torch.arange(H, device=device)
+    fx, x = torch.arange(Wr, device=device), torch.arange(W, device=device)
+    turns = (((fy[:, None, None, None] * y[None, None, :, None]) % H).double() / H
+             + ((fx[None, :, None, None] * x[None, None, None, :]) % W).double() / W)
+    theta = (2 * math.pi * turns).reshape(H * Wr, H * W)                   # (F, N)
+    cos, sin = theta.cos(), theta.sin()
+    kx, ky = (k.expand(H, Wr).reshape(-1, 1) for k in wavenumbers(grid_size, device, torch.float64))
+    M = torch.stack([torch.stack([cos, kx * sin, ky * sin], dim=-1),
+                     torch.stack([-sin, kx * cos, ky * cos], dim=-1)])
+    weight = torch.full((Wr,), 2.0, dtype=torch.float64, device=device)
+    weight[0] = 1.0
+    if W % 2 == 0:
+        weight[-1] = 1.0
+    weight = weight.repeat(H)[:, None] / (H * W)
+    M_inv = torch.stack([weight * cos, -weight * sin], dim=1).permute(2, 1, 0)
+    return M.to(dtype), M_inv.to(dtype)
+
+
+def dense_mix(u, K, b, r, tau, grid_size):
+    """Steps 2-3 of Algorithm 1 for the pairwise and grouped couplings, with the
+    transforms as dense matrix products (`dft_matrices`) instead of rfft2/irfft2.
+
+    u (B, N, 3C): the fields u_0, u_x, u_y of Eq. 6 as channel blocks of C, tokens
+    row-major on grid_size; K, b, r, tau pairwise or grouped as in `apply_symbol` ->
+    h (B, N, Co) = irfft2(S v) with v as in `dft_matrices`. The matrix products run
+    at u's dtype (autocast's) and the symbol product in float32 (complex128 for
+    float64). The spectrum goes from one product to the next in the (B, re/im, F, C)
+    layout, which the fused product reads and writes as it is: no transposes, casts
+    to complex or complex elementwise passes. The products cost O(N^2 C) per image,
+    against O(N log N C) for the FFTs, so they pay on small grids only
+    (DENSE_TRANSFORM_MAX_TOKENS).
+    """
+    a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
+    groups, c_out, c_in = a_re.shape[:3]
+    B, N, _ = u.shape
+    F = phi_re.shape[0]
+    M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
+    v = M @ u.reshape(B, 3 * N, groups * c_in)                                # (B, 2F, C)
+    real = torch.float64 if a_re.dtype == torch.float64 else torch.float32
+    x = v.to(real).view(B, 2, F, groups, c_in).permute(3, 2, 4, 0, 1)         # (G, F, Ci, B, re/im)
+    if _fused(x):
+        from kernels.spectral_product import spectral_product
+        y = spectral_product(x, a_re, a_im, phi_re, phi_im)                   # (G, F, Co, B, re/im), planar
+    else:
+        x = torch.view_as_complex(x.contiguous())
+        y = torch.view_as_real(_grouped_product(x, a_re, a_im, phi_re, phi_im, grid_size[1] // 2 + 1))
+    y = y.permute(3, 4, 1, 0, 2).reshape(B, 2 * F, groups * c_out)
+    return M_inv @ y.to(u.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dft_matrices(grid_size, device, dtype):
+    """`dft_matrices` as (2F, 3N) and (N, 2F) matrices, made once per grid, device and dtype
+    (as ordinary tensors even when first asked for under inference mode)."""
+    with torch.inference_mode(False):
+        M, M_inv = dft_matrices(grid_size, device, dtype)
+        return M.reshape(M.shape[1] * 2, -1), M_inv.reshape(M_inv.shape[0], -1)
+
+
+def _dense_transforms(x, grid_size, coupling):
+    """Whether a PDESSM forward on tokens x takes `dense_mix` (DENSE_TRANSFORMS)."""
+    if coupling == "diagonal":
+        return False
+    if DENSE_TRANSFORMS is not None:
+        return DENSE_TRANSFORMS
+    spectrum = x.new_empty(0, dtype=_float32_fft_dtype(x))  # what the product would get
+    return math.prod(grid_size) <= DENSE_TRANSFORM_MAX_TOKENS and _fused(spectrum)
 
 
 #################################################################################
@@ -471,6 +580,9 @@ class PDESSM(nn.Module):
         gammas = torch.cat([self.gamma_0, self.gamma_x, self.gamma_y], dim=0)  # (3C, C)
         weight, bias = gammas @ self.R.weight, gammas @ self.R.bias
         u = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))                  # (B, N, 3C)
+        if _dense_transforms(u, grid_size, self.coupling):
+            h = dense_mix(u, *self.pde_parameters(), (H, W))
+            return self.proj(h.to(x.dtype))
         u = u.transpose(1, 2).reshape(B, 3 * C, H, W)
         with torch.autocast(x.device.type, enabled=False):
             dtype = _float32_fft_dtype(u)

@@ -22,9 +22,10 @@ tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
                     (channel-pair tile, group, frequency split), looping over
                     frequencies; the splits' partial sums are added afterwards.
 
-Complex tensors are read and written as interleaved float32 (re, im) pairs
-(torch.view_as_real). The real and imaginary parts of an operand tile are loaded
-as two strided tiles, and a complex matrix product A B is three real dots
+Spectra are read and written as float32 (re, im) views of any strides: interleaved
+complex (torch.view_as_real) or planar, the imaginary plane an offset away from the
+real one. The real and imaginary parts of an operand tile are loaded as two
+strided tiles, and a complex matrix product A B is three real dots
 (Gauss's scheme), three quarters of the tensor-core work of the four dots
 A_re B_re, A_im B_im, A_re B_im, A_im B_re:
 
@@ -38,6 +39,8 @@ of the result (Higham, "Stability of a method for multiplying complex matrices
 with three real matrix multiplications", 1992), which tests/test_kernels.py
 bounds against the float64 reference in each dot mode.
 """
+
+import math
 
 import torch
 import triton
@@ -156,7 +159,7 @@ def _gauss_parts(t1, t2, t3):
 @triton.jit
 def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
                      F, B, ROWS, INNER,
-                     in_sg, in_sf, in_sk, in_sb, out_sg, out_sf, out_sr, out_sb,
+                     in_sg, in_sf, in_sk, in_sb, in_si, out_sg, out_sf, out_sr, out_sb, out_si,
                      coef_s6, coef_sg, coef_sr, coef_sk,
                      ADJOINT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_F: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -179,7 +182,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     coef_ptr += g * coef_sg
     in_ptr += g.to(tl.int64) * in_sg
     # Input tiles (F, K, B): the real parts at the offsets of the float32 view, the
-    # imaginary parts one further.
+    # imaginary parts in_si further (1 for interleaved complex).
     in_fb = offs_f.to(tl.int64)[:, None, None] * in_sf + offs_b.to(tl.int64)[None, None, :] * in_sb
     mask_fb = mask_f[:, None, None] & mask_b[None, None, :]
 
@@ -196,7 +199,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
         x_offs = in_ptr + in_fb + k[None, :, None] * in_sk
         mask_x = mask_fb & mask_k[None, :, None]
         x_re = tl.load(x_offs, mask=mask_x, other=0.0)
-        x_im = tl.load(x_offs + 1, mask=mask_x, other=0.0)
+        x_im = tl.load(x_offs + in_si, mask=mask_x, other=0.0)
         t1, t2, t3 = _gauss_dots(m_re, m_im, x_re, x_im, t1, t2, t3, PRECISION)
 
     out_ptr += g.to(tl.int64) * out_sg
@@ -204,13 +207,14 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
                 + offs_b.to(tl.int64)[None, None, :] * out_sb)
     mask = mask_f[:, None, None] & mask_r[None, :, None] & mask_b[None, None, :]
     y_re, y_im = _gauss_parts(t1, t2, t3)
-    tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2), tl.join(y_re, y_im), mask=mask[:, :, :, None])
+    tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2) * out_si, tl.join(y_re, y_im),
+             mask=mask[:, :, :, None])
 
 
 @triton.jit
 def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
                               F, B, C_OUT, C_IN, SPLITS, F_PER_SPLIT,
-                              x_sg, x_sf, x_sc, x_sb, dy_sg, dy_sf, dy_sc, dy_sb,
+                              x_sg, x_sf, x_sc, x_sb, x_si, dy_sg, dy_sf, dy_sc, dy_sb, dy_si,
                               coef_s6, coef_sg, grad_split,
                               PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                               BLOCK_B: tl.constexpr):
@@ -229,7 +233,7 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
     x_ptr += g.to(tl.int64) * x_sg
     dy_ptr += g.to(tl.int64) * dy_sg
     # dG = dy x^H as Gauss's product of dy (O, B) and conj(x)^T (B, I) over the batch;
-    # real parts at the offsets of the float32 views, imaginary parts one further.
+    # real parts at the offsets of the float32 views, imaginary parts x_si and dy_si further.
     dy_o = offs_o[None, :, None] * dy_sc
     x_i = offs_i[None, None, :] * x_sc
 
@@ -255,9 +259,9 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
             x_offs = x_f + b[None, :, None] * x_sb
             mask_x = mask_b[None, :, None] & mask_i[None, None, :]
             t1, t2, t3 = _gauss_dots(tl.load(dy_offs, mask=mask_dy, other=0.0),
-                                     tl.load(dy_offs + 1, mask=mask_dy, other=0.0),
+                                     tl.load(dy_offs + dy_si, mask=mask_dy, other=0.0),
                                      tl.load(x_offs, mask=mask_x, other=0.0),
-                                     -tl.load(x_offs + 1, mask=mask_x, other=0.0), t1, t2, t3, PRECISION)
+                                     -tl.load(x_offs + x_si, mask=mask_x, other=0.0), t1, t2, t3, PRECISION)
         dg_re, dg_im = _gauss_parts(t1, t2, t3)
         p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, offs_f < F)
         s_re, s_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
@@ -347,52 +351,69 @@ def _with_overrides(defaults, tiles, contracted):
     return cfg
 
 
-def _contract(inp, coef, phi_re, phi_im, adjoint, precision, tiles):
-    """S inp (adjoint=False: inp (G, F, Ci, B) -> (G, F, Co, B)) or S^H inp (adjoint=True:
-    inp (G, F, Co, B) -> (G, F, Ci, B)), complex64, inp of any strides."""
-    G, F, inner, B = inp.shape
+def _memory_order(t):
+    """t's dimensions from outermost to innermost by stride; dimensions of size 1 or
+    stride 0 (broadcast) count as outermost."""
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d) if t.shape[d] > 1 and t.stride(d) else -math.inf)
+
+
+def _empty_like_layout(like, rows):
+    """An empty float32 spectrum of like's shape (G, F, K, B, 2) with K = rows, whose
+    dimensions lie in memory in like's `_memory_order` (so the output of a product on
+    a planar (B, 2, F, G, K) input is planar too, and on interleaved complex input
+    interleaved)."""
+    order = _memory_order(like)
+    shape = list(like.shape)
+    shape[2] = rows
+    out = torch.empty([shape[d] for d in order], dtype=torch.float32, device=like.device)
+    return out.permute([order.index(d) for d in range(like.dim())])
+
+
+def _contract(src, coef, phi_re, phi_im, adjoint, precision, tiles):
+    """S src (adjoint=False: src (G, F, Ci, B, 2) -> (G, F, Co, B, 2)) or S^H src
+    (adjoint=True: src (G, F, Co, B, 2) -> (G, F, Ci, B, 2)); float32 (re, im) views of
+    any strides, the output in src's memory order."""
+    G, F, inner, B, _ = src.shape
     c_out, c_in = coef.shape[2:]
     rows = c_in if adjoint else c_out
     assert inner == (c_out if adjoint else c_in)
-    out = torch.empty(G, F, rows, B, dtype=torch.complex64, device=inp.device)
+    dst = _empty_like_layout(src, rows)
     cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
-    src, dst = torch.view_as_real(inp), torch.view_as_real(out)
     if adjoint:
         coef = coef.transpose(2, 3).contiguous()     # (6, G, Ci, Co): S^H's rows are S's columns
     _contract_kernel[grid](dst, src, coef, phi_re, phi_im, F, B, rows, inner,
-                           *src.stride()[:4], *dst.stride()[:4], *coef.stride(), ADJOINT=adjoint,
+                           *src.stride(), *dst.stride(), *coef.stride(), ADJOINT=adjoint,
                            PRECISION=precision, **cfg)
-    return out
+    return dst
 
 
 def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
-    """x (G, F, Ci, B), dy (G, F, Co, B) complex64 -> (6, G, Co, Ci) float32 gradients of
-    the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
-    G, F, c_in, B = x.shape
+    """x (G, F, Ci, B, 2), dy (G, F, Co, B, 2) float32 (re, im) views -> (6, G, Co, Ci)
+    float32 gradients of the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
+    G, F, c_in, B, _ = x.shape
     c_out = dy.shape[2]
     cfg = _with_overrides(_grad_tiles(B, c_out, c_in, G, F, x.device), tiles, "BLOCK_B")
     f_per_split = triton.cdiv(F, cfg.pop("SPLITS"))
     splits = triton.cdiv(F, f_per_split)
     partial = torch.empty((splits,) + coef.shape, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(c_out, cfg["BLOCK_O"]), triton.cdiv(c_in, cfg["BLOCK_I"]), G * splits)
-    xr, dyr = torch.view_as_real(x), torch.view_as_real(dy)
-    _grad_coefficients_kernel[grid](partial, xr, dyr, coef, phi_re, phi_im, F, B, c_out, c_in,
-                                    splits, f_per_split, *xr.stride()[:4], *dyr.stride()[:4],
+    _grad_coefficients_kernel[grid](partial, x, dy, coef, phi_re, phi_im, F, B, c_out, c_in,
+                                    splits, f_per_split, *x.stride(), *dy.stride(),
                                     coef.stride(0), coef.stride(1), partial.stride(0),
                                     PRECISION=precision, **cfg)
     return partial.sum(0)
 
 
 class _SpectralProduct(torch.autograd.Function):
-    """`pde_ssm._GroupedSpectralProduct` with the symbol made in registers."""
+    """`pde_ssm._GroupedSpectralProduct` with the symbol made in registers, on float32
+    (re, im) views (G, F, C, B, 2)."""
 
     @staticmethod
     def forward(ctx, x, a_re, a_im, phi_re, phi_im, input_precision, tiles):
         # (6, G, Co, Ci) planes; log2 e folded in so the kernels take exp2.
         coef = torch.cat([a_re * LOG2E, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()
         phi_re, phi_im = phi_re.contiguous(), phi_im.contiguous()
-        x = x.resolve_conj()
         ctx.save_for_backward(x, coef, phi_re, phi_im)
         ctx.input_precision, ctx.tiles = input_precision, tiles
         return _contract(x, coef, phi_re, phi_im, False, input_precision, tiles)
@@ -400,14 +421,22 @@ class _SpectralProduct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, coef, phi_re, phi_im = ctx.saved_tensors
-        grad_y = grad_y.resolve_conj()
         grad_x = grad_re = grad_im = None
         if ctx.needs_input_grad[0]:
+            # The gradient in x's memory order: S^H reads grad_y in any, and writes like x.
             grad_x = _contract(grad_y, coef, phi_re, phi_im, True, ctx.input_precision, ctx.tiles)
+            grad_x = _reorder_like(grad_x, x)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             grad = _grad_coefficients(x, grad_y, coef, phi_re, phi_im, ctx.input_precision, ctx.tiles)
             grad_re, grad_im = grad[:4].permute(1, 2, 3, 0), grad[4:].permute(1, 2, 3, 0)
         return grad_x, grad_re, grad_im, None, None, None, None
+
+
+def _reorder_like(t, like):
+    """t with like's memory order (a copy only where the orders differ)."""
+    if _memory_order(t) == _memory_order(like):
+        return t
+    return _empty_like_layout(like, t.shape[2]).copy_(t)
 
 
 # torch.compile runs the kernels as they are, between its graphs.
@@ -416,9 +445,11 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     """Fused `pde_ssm._GroupedSpectralProduct`: y[g, f, i, b] = sum_j S[g, f, i, j] x[g, f, j, b]
     with S = exp(phi_re a_re + 1j phi_im a_im), S made tile by tile in registers.
 
-    x complex64 (G, F, Ci, B), any strides; a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2),
-    phi_re (F, 4), phi_im (F, 2) float32 -> y complex64 (G, F, Co, B). Differentiable in
-    x, a_re and a_im (conjugate-Wirtinger gradients, as the reference).
+    x complex64 (G, F, Ci, B), or its float32 (re, im) view (G, F, Ci, B, 2), any
+    strides (so planar re and im planes too); a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2),
+    phi_re (F, 4), phi_im (F, 2) float32 -> y of x's kind, (G, F, Co, B) complex64 or
+    (G, F, Co, B, 2) float32 laid out in memory like x. Differentiable in x, a_re and
+    a_im (conjugate-Wirtinger gradients, as the reference).
     input_precision is tl.dot's mode for the complex products: "tf32" (tensor cores,
     relative error about 1e-3), "tf32x3" (about float32, three times the tensor-core
     work) or "ieee" (float32 FMA). tiles overrides the tile sizes chosen from the
@@ -426,12 +457,19 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     BLOCK_B, SPLITS of the coefficient gradient (powers of two; the contracted
     BLOCK_K and gradient BLOCK_B at least 16), and Triton's num_warps, num_stages, maxnreg.
     """
-    if x.dtype != torch.complex64 or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):
-        raise ValueError(f"spectral_product takes complex64 x and float32 coefficients and features; got "
-                         f"{x.dtype}, {a_re.dtype}, {a_im.dtype}, {phi_re.dtype}, {phi_im.dtype} "
-                         "(float64 runs the PyTorch reference in pde_ssm.py)")
-    G, F, c_in, _ = x.shape
+    is_complex = x.dtype == torch.complex64
+    real_view = x.dtype == torch.float32 and x.dim() == 5 and x.shape[-1] == 2
+    if not (is_complex or real_view) or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):
+        raise ValueError(f"spectral_product takes complex64 x (or its float32 (..., 2) view) and float32 "
+                         f"coefficients and features; got x {x.dtype} of shape {tuple(x.shape)}, {a_re.dtype}, "
+                         f"{a_im.dtype}, {phi_re.dtype}, {phi_im.dtype} (float64 runs the PyTorch reference in "
+                         "pde_ssm.py)")
+    G, F, c_in, _ = x.shape[:4]
     c_out = a_re.shape[1]
     assert [t.shape for t in (a_re, a_im, phi_re, phi_im)] == [(G, c_out, c_in, 4), (G, c_out, c_in, 2), (F, 4),
                                                                (F, 2)]
-    return _SpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, input_precision, tiles)
+    if real_view:
+        return _SpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, input_precision, tiles)
+    y = _SpectralProduct.apply(torch.view_as_real(x.resolve_conj()), a_re, a_im, phi_re, phi_im, input_precision,
+                               tiles)
+    return torch.view_as_complex(y)

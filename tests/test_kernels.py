@@ -61,8 +61,10 @@ def forward_backward(product, x, a_re, a_im, phi_re, phi_im, weight):
     return y.detach(), x.grad, a_re.grad, a_im.grad
 
 
-def check_against_reference(groups, c_out, c_in, grid_size, batch, tol, x_layout=None, **options):
-    """Fused float32 on DEVICE vs the reference in float64: y, grad_x, grad_a_re, grad_a_im."""
+def check_against_reference(groups, c_out, c_in, grid_size, batch, tol, x_layout=None, product=None, **options):
+    """Fused float32 on DEVICE (sp.spectral_product, or product) vs the reference in
+    float64: y, grad_x, grad_a_re, grad_a_im."""
+    product = product or sp.spectral_product
     H, W = grid_size
     F = H * (W // 2 + 1)
     a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
@@ -77,7 +79,7 @@ def check_against_reference(groups, c_out, c_in, grid_size, batch, tol, x_layout
     x32 = x.to(torch.complex64)
     if x_layout is not None:
         x32 = x_layout(x32)
-    got = forward_backward(lambda *args: sp.spectral_product(*args, **options), x32, a_re.float(),
+    got = forward_backward(lambda *args: product(*args, **options), x32, a_re.float(),
                            a_im.float(), phi_re.float(), phi_im.float(), weight.to(torch.complex64))
     for name, out, ref in zip(("y", "grad_x", "grad_a_re", "grad_a_im"), got, expected):
         assert out.shape == ref.shape and torch.isfinite(out).all(), name
@@ -124,6 +126,62 @@ def test_strided_input_and_conjugate_gradient():
 
     check_against_reference(2, 3, 5, (2, 3), 3, 2e-5, x_layout=strided, tiles=SMALL_TILES,
                             input_precision="ieee")
+
+
+@runs_here
+def test_planar_real_input_and_output():
+    # x as the float32 planar layout of `pde_ssm.dense_mix`, (B, re/im, F, G, C) in memory
+    # and seen as (G, F, C, B, re/im): y comes back in that layout, the gradient of x too.
+    def planar_product(x, *args, **options):
+        planar = torch.view_as_real(x).permute(3, 4, 1, 0, 2).contiguous().permute(3, 2, 4, 0, 1)
+        y = sp.spectral_product(planar, *args, **options)
+        assert y.dtype == torch.float32 and y.permute(3, 4, 1, 0, 2).is_contiguous()
+        planar.register_hook(lambda grad: assert_planar(grad))
+        return torch.view_as_complex(y.contiguous())
+
+    def assert_planar(grad):
+        assert grad.permute(3, 4, 1, 0, 2).is_contiguous()
+
+    check_against_reference(2, 3, 5, (2, 3), 3, 2e-5, product=planar_product, tiles=SMALL_TILES,
+                            input_precision="ieee")
+
+
+@runs_here
+def test_dense_mix_takes_the_fused_product(monkeypatch):
+    """PDESSM on a small grid takes the dense transforms with the fused product on the planar
+    spectrum (forced on the CPU, where the kernels run in the interpreter) and matches the
+    float64 rfft2 path, gradients included."""
+    calls, fused = [], sp.spectral_product
+
+    def counted(*args, **kwargs):
+        calls.append((args[0].dtype, args[0].dim()))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "spectral_product", counted)
+    torch.manual_seed(0)
+    mixer = pde_ssm.PDESSM(12, 8, coupling="heads", num_heads=2).double()
+    x = torch.randn(3, 20, 12, dtype=torch.float64)
+    weight = torch.randn(3, 20, 12, dtype=torch.float64)
+
+    def run(dtype, device):
+        net = mixer.to(device, dtype)
+        net.zero_grad()
+        leaf = x.detach().to(device, dtype).requires_grad_()
+        out = net(leaf, (4, 5))
+        (out * weight.to(device, dtype)).sum().backward()
+        return [out.detach().cpu(), leaf.grad.cpu()] + [p.grad.cpu() for p in net.parameters()]
+
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", False)
+    expected = run(torch.float64, "cpu")
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", None)
+    if not CUDA:
+        monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
+        monkeypatch.setattr(pde_ssm, "FUSED_SPECTRAL_PRODUCT", True)
+    got = run(torch.float32, DEVICE)
+    assert calls == [(torch.float32, 5)]
+    tol = 3e-3 if CUDA else 1e-5
+    for out, ref in zip(got, expected):
+        assert relative_error(out, ref) < tol
 
 
 def test_rejects_float64():

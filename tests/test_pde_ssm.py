@@ -411,3 +411,63 @@ def test_cuda_matches_cpu(monkeypatch, fused, tol):
     monkeypatch.setattr(pde_ssm, "FUSED_SPECTRAL_PRODUCT", fused)
     out = pde_evolve(h0.cuda(), *(t.cuda() for t in p)).cpu().double()
     assert ((out - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("grid_size", [(4, 4), (5, 6), (3, 7)])
+def test_dft_matrices_are_the_embedded_rfft2_and_the_irfft2(grid_size):
+    H, W = grid_size
+    torch.manual_seed(0)
+    M, M_inv = pde_ssm.dft_matrices(grid_size, dtype=F64)
+    u = torch.randn(H * W, 3, dtype=F64)
+    kx, ky = pde_ssm.wavenumbers(grid_size, dtype=F64)
+    u0, ux, uy = (torch.fft.rfft2(u[:, s].reshape(H, W)) for s in range(3))
+    v = torch.einsum("rfns,ns->rf", M, u)
+    torch.testing.assert_close(torch.complex(v[0], v[1]), (u0 + 1j * (kx * ux + ky * uy)).reshape(-1))
+    # Any half spectrum, Hermitian or not: irfft2 drops the parts a real output cannot hold.
+    y = torch.randn(H, W // 2 + 1, dtype=torch.complex128).reshape(-1)
+    torch.testing.assert_close(M_inv[:, 0] @ y.real + M_inv[:, 1] @ y.imag,
+                               torch.fft.irfft2(y.reshape(H, -1), s=grid_size).reshape(-1))
+
+
+@pytest.mark.parametrize("coupling,heads,grid_size", [("pairwise", 1, (4, 5)), ("heads", 2, (6, 3))])
+def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads, grid_size):
+    torch.manual_seed(0)
+    m = PDESSM(8, 6, coupling=coupling, num_heads=heads).double()
+    x = torch.randn(3, grid_size[0] * grid_size[1], 8, dtype=F64)
+    weight = torch.randn(3, grid_size[0] * grid_size[1], 8, dtype=F64)
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", dense)
+        m.zero_grad()
+        leaf = x.clone().requires_grad_()
+        out = m(leaf, grid_size)
+        (out * weight).sum().backward()
+        results.append([out.detach(), leaf.grad] + [p.grad for p in m.parameters()])
+    for got, expected in zip(*results[::-1]):
+        torch.testing.assert_close(got, expected)
+    # The automatic choice: rfft2/irfft2 on the CPU, where the fused product does not run.
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", None)
+    assert not pde_ssm._dense_transforms(x.float(), grid_size, coupling)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch):
+    # DiT-S's width on the 16 x 16 grid of 32 px images at patch 2: the dense transforms
+    # in bf16 against float64, next to the rfft2 path under the same autocast.
+    torch.manual_seed(0)
+    m = PDESSM(384, coupling="pairwise").cuda()
+    x = torch.randn(8, 256, 384, device="cuda")
+    assert pde_ssm._dense_transforms(x, (16, 16), "pairwise")
+    assert not pde_ssm._dense_transforms(x, (64, 64), "pairwise") and not pde_ssm._dense_transforms(
+        x, (16, 16), "diagonal")
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", False)
+    ref = m.double()(x.double(), (16, 16))
+    m.float()
+    errors = {}
+    for dense in (False, True):
+        monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", dense)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x, (16, 16))
+        errors[dense] = ((out.double() - ref).norm() / ref.norm()).item()
+    print(f"relative error against float64: rfft2 {errors[False]:.2e}, dense {errors[True]:.2e}")
+    assert errors[True] < 3e-2 and errors[True] < 3 * errors[False]
