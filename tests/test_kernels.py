@@ -3,6 +3,7 @@ reference and specification, pde_ssm._GroupedSpectralProduct in float64: values
 and the gradients of x, a_re and a_im. Without CUDA the kernels run in Triton's
 interpreter on the CPU at small shapes; with CUDA they run compiled, also at
 model sizes, and pde_evolve must pick them."""
+import copy
 import math
 import os
 import subprocess
@@ -164,8 +165,7 @@ def test_dense_mix_takes_the_fused_product(monkeypatch):
     weight = torch.randn(3, 20, 12, dtype=torch.float64)
 
     def run(dtype, device):
-        net = mixer.to(device, dtype)
-        net.zero_grad()
+        net = copy.deepcopy(mixer).to(device, dtype)
         leaf = x.detach().to(device, dtype).requires_grad_()
         out = net(leaf, (4, 5))
         (out * weight.to(device, dtype)).sum().backward()
