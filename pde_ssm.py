@@ -71,6 +71,10 @@ FUSED_SPECTRAL_PRODUCT = None
 # product runs and the grid is small enough.
 DENSE_TRANSFORMS = None
 DENSE_TRANSFORM_MAX_TOKENS = 1024
+# The dense transforms as one product each way over all N tokens (False), or as two
+# products along one grid axis each (True, `dft_factors`): fewer flops on larger grids,
+# one more intermediate spectrum each way.
+SEPARABLE_TRANSFORMS = False
 
 TERMS = ("diffusion", "convection", "reaction")
 COUPLINGS = ("pairwise", "diagonal", "heads")
@@ -316,6 +320,53 @@ def dft_matrices(grid_size, device=None, dtype=torch.float32):
     return M.to(dtype), M_inv.to(dtype)
 
 
+def dft_factors(grid_size, device=None, dtype=torch.float32):
+    """The products of `dft_matrices` split into one product along each grid axis.
+
+    Returns (M_x (2, 2, Wr, W, 3), M_y (2, H, H, 2, 2)) and (N_y (H, 2, 2, H),
+    N_x (W, 2, Wr)), Wr = W // 2 + 1. Forward, for the fields u (H, W, 3) of one
+    channel (u_0, u_x, u_y of Eq. 6): along x, per row y,
+        a = F_x u_0 + i k_x F_x u_x,  c = F_x u_2,  (re, im) x (a, c) = M_x . u[y]
+    (F_x the rfft along x), then along y, per frequency k_x,
+        v = F_y a + i k_y F_y c = M_y contracted with (a, c) over (y, re/im, a/c),
+    v as in `dft_matrices`, laid out (re/im, k_y, k_x). Inverse, for y (re/im, k_y, k_x):
+    the inverse FFT along y, z = N_y . y over (re/im, k_y) per k_x, then irfft along x,
+    h = N_x . z over (re/im, k_x) per row.
+    """
+    H, W = grid_size
+    Wr = W // 2 + 1
+
+    def phases(n, frequencies):
+        # 2 pi f t / n from integer products reduced modulo n, in float64: (frequencies, n)
+        f, t = torch.arange(frequencies, device=device), torch.arange(n, device=device)
+        theta = 2 * math.pi * ((f[:, None] * t[None, :]) % n).double() / n
+        return theta.cos(), theta.sin()
+
+    kx, ky = (k.reshape(-1) for k in wavenumbers(grid_size, device, torch.float64))
+    cx, sx = phases(W, Wr)                                      # (Wr, W)
+    cy, sy = phases(H, H)                                       # (H, H): [k_y, y]
+    zero = torch.zeros_like(cx)
+    kxc, kxs = kx[:, None] * cx, kx[:, None] * sx
+    # M_x[re/im, a/c, k_x, x, s]: Re a = sum cx u0 + kx sx u1, Im a = sum -sx u0 + kx cx u1;
+    # Re c = sum cx u2, Im c = sum -sx u2.
+    M_x = torch.stack([torch.stack([torch.stack([cx, kxs, zero], -1), torch.stack([zero, zero, cx], -1)]),
+                       torch.stack([torch.stack([-sx, kxc, zero], -1), torch.stack([zero, zero, -sx], -1)])])
+    # M_y[re/im, k_y, y, re/im of (a, c), a/c]: F_y z = sum (cy Re z + sy Im z) + i (cy Im z - sy Re z);
+    # i k_y F_y c adds -k_y Im F_y c to Re v and k_y Re F_y c to Im v.
+    kyc, kys = ky[:, None] * cy, ky[:, None] * sy
+    M_y = torch.stack([torch.stack([torch.stack([cy, kys], -1), torch.stack([sy, -kyc], -1)], -2),
+                       torch.stack([torch.stack([-sy, kyc], -1), torch.stack([cy, kys], -1)], -2)])
+    # Inverse FFT along y: Re z = sum (cy Re y - sy Im y) / H, Im z = sum (sy Re y + cy Im y) / H,
+    # N_y[y, re/im of z, re/im of y, k_y].
+    N_y = torch.stack([torch.stack([cy.T, -sy.T], 1), torch.stack([sy.T, cy.T], 1)], 1) / H
+    weight = torch.full((Wr,), 2.0, dtype=torch.float64, device=device)
+    weight[0] = 1.0
+    if W % 2 == 0:
+        weight[-1] = 1.0
+    N_x = torch.stack([weight[:, None] * cx, -weight[:, None] * sx]).permute(2, 0, 1) / W
+    return (M_x.to(dtype), M_y.to(dtype)), (N_y.to(dtype), N_x.to(dtype))
+
+
 def dense_mix(u, K, b, r, tau, grid_size):
     """Steps 2-3 of Algorithm 1 for the pairwise and grouped couplings, with the
     transforms as dense matrix products (`dft_matrices`) instead of rfft2/irfft2.
@@ -334,8 +385,16 @@ def dense_mix(u, K, b, r, tau, grid_size):
     groups, c_out, c_in = a_re.shape[:3]
     B, N, _ = u.shape
     F = phi_re.shape[0]
-    M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
-    v = M @ u.reshape(B, 3 * N, groups * c_in)                                # (B, 2F, C)
+    H, W = grid_size
+    Wr = W // 2 + 1
+    C = groups * c_in
+    if SEPARABLE_TRANSFORMS:
+        (M_x, M_y), (N_y, N_x) = _cached_dft_factors(tuple(grid_size), u.device, u.dtype)
+        v = M_x @ u.reshape(B * H, 3 * W, C)                                  # (BH, (re/im, a/c, Wr), C)
+        v = M_y @ v.reshape(B, 4 * H, Wr * C)                                 # (B, 2F, C)
+    else:
+        M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
+        v = M @ u.reshape(B, 3 * N, C)                                        # (B, 2F, C)
     real = torch.float64 if a_re.dtype == torch.float64 else torch.float32
     x = v.to(real).view(B, 2, F, groups, c_in).permute(3, 2, 4, 0, 1)         # (G, F, Ci, B, re/im)
     if _fused(x):
@@ -344,8 +403,11 @@ def dense_mix(u, K, b, r, tau, grid_size):
     else:
         x = torch.view_as_complex(x.contiguous())
         y = torch.view_as_real(_grouped_product(x, a_re, a_im, phi_re, phi_im, grid_size[1] // 2 + 1))
-    y = y.permute(3, 4, 1, 0, 2).reshape(B, 2 * F, groups * c_out)
-    return M_inv @ y.to(u.dtype)
+    y = y.permute(3, 4, 1, 0, 2).reshape(B, 2 * F, groups * c_out).to(u.dtype)
+    if SEPARABLE_TRANSFORMS:
+        z = N_y @ y.reshape(B, 2 * H, Wr * groups * c_out)                    # (B, (H, re/im), Wr Co)
+        return (N_x @ z.reshape(B * H, 2 * Wr, groups * c_out)).reshape(B, N, groups * c_out)
+    return M_inv @ y
 
 
 @functools.lru_cache(maxsize=16)
@@ -355,6 +417,17 @@ def _cached_dft_matrices(grid_size, device, dtype):
     with torch.inference_mode(False):
         M, M_inv = dft_matrices(grid_size, device, dtype)
         return M.reshape(M.shape[1] * 2, -1), M_inv.reshape(M_inv.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dft_factors(grid_size, device, dtype):
+    """`dft_factors` as matrices ((4 Wr, 3W), (2H, 4H)) and ((2H, 2H), (W, 2 Wr)), made once
+    per grid, device and dtype (ordinary tensors even under inference mode)."""
+    with torch.inference_mode(False):
+        (M_x, M_y), (N_y, N_x) = dft_factors(grid_size, device, dtype)
+        H, W = grid_size
+        return ((M_x.reshape(-1, 3 * W), M_y.reshape(2 * H, 4 * H)),
+                (N_y.reshape(2 * H, 2 * H), N_x.reshape(W, -1)))
 
 
 def _dense_transforms(x, grid_size, coupling):
