@@ -18,8 +18,8 @@ h(y, x) = h0(y, x + 1), i.e. torch.roll(h0, -1, dims=-1).
 
 This file is the specification of the operator:
   - `pde_symbol`, `apply_symbol`, `pde_evolve`, `pde_kernel`: the functional core;
-  - `dft_matrices`, `dense_mix`: the module's transforms as dense matrix products,
-    taken on small grids where the fused product runs;
+  - `dft_matrices`, `dft_factors`, `dense_mix`: the module's transforms as dense
+    matrix products, taken on small grids on CUDA;
   - `PDESSM`: the module of the paper's Algorithm 1 (projection R, embedding
     B_gamma of Eq. 6, evolution with zeta = (K, b, r, tau), output projection).
 
@@ -64,11 +64,11 @@ PAIRWISE_SAVED_SYMBOL_ELEMENTS = 1 << 24
 # wherever it applies (complex64 on CUDA with Triton installed).
 FUSED_SPECTRAL_PRODUCT = None
 
-# Grids of at most this many tokens take the pairwise/grouped mixer's transforms as
-# dense matrix products (`dense_mix`: one product from the tokens to the spectrum in
-# the layout the fused product reads, one back), larger ones rfft2/irfft2. True or
-# False forces either; None (default) takes the dense transforms where the fused
-# product runs and the grid is small enough.
+# Grids of at most this many tokens take the mixer's transforms as dense matrix
+# products (`dense_mix`: one product from the tokens to the spectrum in the layout
+# the fused product reads, one back), larger ones rfft2/irfft2. True or False forces
+# either; None (default) takes the dense transforms on small enough grids on CUDA
+# (for the pairwise and heads couplings, where the fused product runs).
 DENSE_TRANSFORMS = None
 DENSE_TRANSFORM_MAX_TOKENS = 1024
 # The dense transforms as one product each way over all N tokens (False), or as two
@@ -272,18 +272,24 @@ def _fused(x):
 
 
 def _grouped_product(x, a_re, a_im, phi_re, phi_im, width, chunk_elements=None):
-    """Y[g, f, i, b] = sum_j S[g, f, i, j] X[g, f, j, b] for x complex (G, F, Ci, B) on the
-    rfft2 grid `width` (W // 2 + 1) frequencies wide: the fused kernel or the reference
-    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> (G, F, Co, B)."""
+    """Y[g, f, i, b] = sum_j S[g, f, i, j] X[g, f, j, b] for x complex (G, F, Ci, B), or its
+    real (re, im) view (G, F, Ci, B, 2) of any strides, on the rfft2 grid `width`
+    (W // 2 + 1) frequencies wide: the fused kernel or the reference
+    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> Y of x's kind,
+    (G, F, Co, B) (the fused kernel writes a real view in x's memory order)."""
     if _fused(x):
         from kernels.spectral_product import spectral_product  # imports Triton only when used
         return spectral_product(x, a_re, a_im, phi_re, phi_im)
+    real_view = not x.is_complex()
+    if real_view:
+        x = torch.view_as_complex(x.contiguous())
     pairs = math.prod(a_re.shape[:3])
     budget = chunk_elements or (PAIRWISE_CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else PAIRWISE_CHUNK_ELEMENTS)
     chunk = max(1, budget // pairs)
     save_symbol = (pairs * x.shape[1] <= PAIRWISE_SAVED_SYMBOL_ELEMENTS and torch.is_grad_enabled()
                    and any(t.requires_grad for t in (x, a_re, a_im)))
-    return _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, width)
+    y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, width)
+    return torch.view_as_real(y) if real_view else y
 
 
 def dft_matrices(grid_size, device=None, dtype=torch.float32):
@@ -368,26 +374,23 @@ def dft_factors(grid_size, device=None, dtype=torch.float32):
 
 
 def dense_mix(u, K, b, r, tau, grid_size):
-    """Steps 2-3 of Algorithm 1 for the pairwise and grouped couplings, with the
-    transforms as dense matrix products (`dft_matrices`) instead of rfft2/irfft2.
+    """Steps 2-3 of Algorithm 1 with the transforms as dense matrix products
+    (`dft_matrices`, or `dft_factors` with SEPARABLE_TRANSFORMS) instead of rfft2/irfft2.
 
     u (B, N, 3C): the fields u_0, u_x, u_y of Eq. 6 as channel blocks of C, tokens
-    row-major on grid_size; K, b, r, tau pairwise or grouped as in `apply_symbol` ->
+    row-major on grid_size; K, b, r, tau of any coupling as in `apply_symbol` ->
     h (B, N, Co) = irfft2(S v) with v as in `dft_matrices`. The matrix products run
-    at u's dtype (autocast's) and the symbol product in float32 (complex128 for
-    float64). The spectrum goes from one product to the next in the (B, re/im, F, C)
-    layout, which the fused product reads and writes as it is: no transposes, casts
-    to complex or complex elementwise passes. The products cost O(N^2 C) per image,
-    against O(N log N C) for the FFTs, so they pay on small grids only
-    (DENSE_TRANSFORM_MAX_TOKENS).
+    at u's dtype (autocast's) and the symbol product in float32 (float64 for float64).
+    The spectrum goes from one product to the next in the (B, re/im, F, C) layout,
+    which the fused product reads and writes as it is: no transposes, casts to
+    complex or complex elementwise passes. The products cost O(N^2 C) per image
+    (O(N^1.5 C) separable), against O(N log N C) for the FFTs, so they pay on small
+    grids only (DENSE_TRANSFORM_MAX_TOKENS).
     """
-    a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
-    groups, c_out, c_in = a_re.shape[:3]
-    B, N, _ = u.shape
-    F = phi_re.shape[0]
+    B, N, C3 = u.shape
     H, W = grid_size
     Wr = W // 2 + 1
-    C = groups * c_in
+    F, C = H * Wr, C3 // 3
     if SEPARABLE_TRANSFORMS:
         (M_x, M_y), (N_y, N_x) = _cached_dft_factors(tuple(grid_size), u.device, u.dtype)
         v = M_x @ u.reshape(B * H, 3 * W, C)                                  # (BH, (re/im, a/c, Wr), C)
@@ -395,18 +398,22 @@ def dense_mix(u, K, b, r, tau, grid_size):
     else:
         M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
         v = M @ u.reshape(B, 3 * N, C)                                        # (B, 2F, C)
-    real = torch.float64 if a_re.dtype == torch.float64 else torch.float32
-    x = v.to(real).view(B, 2, F, groups, c_in).permute(3, 2, 4, 0, 1)         # (G, F, Ci, B, re/im)
-    if _fused(x):
-        from kernels.spectral_product import spectral_product
-        y = spectral_product(x, a_re, a_im, phi_re, phi_im)                   # (G, F, Co, B, re/im), planar
+    v = v.to(torch.float64 if K.dtype == torch.float64 else torch.float32).view(B, 2, F, C)
+    if K.dim() == 3:  # diagonal: each channel's spectrum times its own symbol
+        s = pde_symbol(K, b, r, tau, grid_size).reshape(C, F).T              # (F, C)
+        y = torch.stack([s.real * v[:, 0] - s.imag * v[:, 1], s.real * v[:, 1] + s.imag * v[:, 0]], 1)
     else:
-        x = torch.view_as_complex(x.contiguous())
-        y = torch.view_as_real(_grouped_product(x, a_re, a_im, phi_re, phi_im, grid_size[1] // 2 + 1))
-    y = y.permute(3, 4, 1, 0, 2).reshape(B, 2 * F, groups * c_out).to(u.dtype)
+        a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
+        groups, c_out, c_in = a_re.shape[:3]
+        x = v.view(B, 2, F, groups, c_in).permute(3, 2, 4, 0, 1)            # (G, F, Ci, B, re/im)
+        y = _grouped_product(x, a_re, a_im, phi_re, phi_im, Wr)              # (G, F, Co, B, re/im)
+        # The fused product writes y planar like x, so this is a view; the reference's y is copied.
+        y = y.permute(3, 4, 1, 0, 2)
+    y = y.reshape(B, 2 * F, -1).to(u.dtype)
+    c_out = y.shape[-1]
     if SEPARABLE_TRANSFORMS:
-        z = N_y @ y.reshape(B, 2 * H, Wr * groups * c_out)                    # (B, (H, re/im), Wr Co)
-        return (N_x @ z.reshape(B * H, 2 * Wr, groups * c_out)).reshape(B, N, groups * c_out)
+        z = N_y @ y.reshape(B, 2 * H, Wr * c_out)                             # (B, (H, re/im), Wr Co)
+        return (N_x @ z.reshape(B * H, 2 * Wr, c_out)).reshape(B, N, c_out)
     return M_inv @ y
 
 
@@ -431,13 +438,16 @@ def _cached_dft_factors(grid_size, device, dtype):
 
 
 def _dense_transforms(x, grid_size, coupling):
-    """Whether a PDESSM forward on tokens x takes `dense_mix` (DENSE_TRANSFORMS)."""
-    if coupling == "diagonal":
-        return False
+    """Whether a PDESSM forward on tokens x takes `dense_mix` (DENSE_TRANSFORMS): by default
+    on grids of at most DENSE_TRANSFORM_MAX_TOKENS, for the diagonal coupling on CUDA,
+    for the others where the fused product runs."""
     if DENSE_TRANSFORMS is not None:
         return DENSE_TRANSFORMS
-    spectrum = x.new_empty(0, dtype=_float32_fft_dtype(x))  # what the product would get
-    return math.prod(grid_size) <= DENSE_TRANSFORM_MAX_TOKENS and _fused(spectrum)
+    if math.prod(grid_size) > DENSE_TRANSFORM_MAX_TOKENS:
+        return False
+    if coupling == "diagonal":
+        return x.is_cuda
+    return _fused(x.new_empty(0, dtype=_float32_fft_dtype(x)))  # what the product would get
 
 
 #################################################################################

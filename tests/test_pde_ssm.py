@@ -446,7 +446,8 @@ def test_dft_factors_are_the_embedded_rfft2_and_the_irfft2(grid_size):
 
 
 @pytest.mark.parametrize("separable", [False, True])
-@pytest.mark.parametrize("coupling,heads,grid_size", [("pairwise", 1, (4, 5)), ("heads", 2, (6, 3))])
+@pytest.mark.parametrize("coupling,heads,grid_size", [("pairwise", 1, (4, 5)), ("heads", 2, (6, 3)),
+                                                       ("diagonal", 1, (5, 4))])
 def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads, grid_size, separable):
     monkeypatch.setattr(pde_ssm, "SEPARABLE_TRANSFORMS", separable)
     torch.manual_seed(0)
@@ -470,16 +471,16 @@ def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("separable", [False, True])
-def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch, separable):
+@pytest.mark.parametrize("coupling", ["pairwise", "diagonal"])
+def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch, separable, coupling):
     # DiT-S's width on the 16 x 16 grid of 32 px images at patch 2: the dense transforms
     # in bf16 against float64, next to the rfft2 path under the same autocast.
     monkeypatch.setattr(pde_ssm, "SEPARABLE_TRANSFORMS", separable)
     torch.manual_seed(0)
-    m = PDESSM(384, coupling="pairwise").cuda()
+    m = PDESSM(384, coupling=coupling).cuda()
     x = torch.randn(8, 256, 384, device="cuda")
-    assert pde_ssm._dense_transforms(x, (16, 16), "pairwise")
-    assert not pde_ssm._dense_transforms(x, (64, 64), "pairwise") and not pde_ssm._dense_transforms(
-        x, (16, 16), "diagonal")
+    assert pde_ssm._dense_transforms(x, (16, 16), coupling)
+    assert not pde_ssm._dense_transforms(x, (64, 64), coupling)
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", False)
     ref = m.double()(x.double(), (16, 16))
     m.float()
