@@ -6,6 +6,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Attention as TimmAttention
 
 import models
+import pde_ssm
 from models import DiT, UNet, build_model, DiT_models
 from pde_ssm import PDESSM
 
@@ -300,6 +301,13 @@ def test_torch_compile_fullgraph(mixer):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
+
+
+def test_torch_compile_fullgraph_with_dense_transforms(monkeypatch):
+    # The dense transforms, which PDE-SSM takes on small grids on CUDA, trace into one graph too
+    # (here with the PyTorch product; on CUDA the fused kernel runs between graphs).
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
+    test_torch_compile_fullgraph("pdessm")
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
