@@ -420,11 +420,22 @@ def fid_sets(result):
     return [result["fid"]], result["config"]["num_samples"]
 
 
+def loss_summary(run_dir, max_steps):
+    """(mean of the logged training losses over the last tenth of max_steps, largest logged loss after
+    the first tenth) of a run: the loss it ended at, and the spikes it had on the way (None where the
+    run logged none there)."""
+    records = read_metrics(run_dir) if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else []
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r and r["step"] <= max_steps]
+    last = [loss for step, loss in losses if step > 0.9 * max_steps]
+    after = [loss for step, loss in losses if step > 0.1 * max_steps]
+    return statistics.mean(last) if last else None, max(after) if after else None
+
+
 def write_table7(args, out_dir, device):
     """
     table7.md and table7.json: a row of FIDs across the six variants, the paper's layout, when every
-    finished variant has several sets of samples a row of their FIDs' mean and standard deviation, and
-    a row of each variant's training steps.
+    finished variant has several sets of samples a row of their FIDs' mean and standard deviation, a
+    row of each variant's training steps, and two of its training loss (`loss_summary`).
     """
     results = {leg: read_json(os.path.join(out_dir, leg, "result.json")) for leg in TABLE7_LEGS}
     labels = [label for label, _ in TABLE7_LEGS.values()]
@@ -441,6 +452,10 @@ def write_table7(args, out_dir, device):
                        else "not run yet" for leg in results])
     # Each leg's own length, as Table 1's Steps column: legs of one table can come from commands with other flags.
     rows.append(["Training steps"] + [str(r["config"]["max_steps"]) if r else "" for r in results.values()])
+    losses = {leg: loss_summary(os.path.join(out_dir, leg), r["config"]["max_steps"]) for leg, r in finished.items()}
+    for index, name in enumerate(("Training loss, mean of the last tenth of the steps",
+                                  "Largest logged training loss after the first tenth (spikes)")):
+        rows.append([name] + [fmt(losses[leg][index], "{:.3f}", "") if leg in losses else "" for leg in results])
     lines = [f"# Table 7 (PDE-term ablation) on {args.dataset}", "", markdown_table([""] + labels, rows), ""]
     if spread:
         lines += [f"Each set is a disjoint set of {size} consecutive samples, so the SD shows the "

@@ -423,7 +423,7 @@ class _SpectralProduct(torch.autograd.Function):
         x, coef, phi_re, phi_im = ctx.saved_tensors
         grad_x = grad_re = grad_im = None
         if ctx.needs_input_grad[0]:
-            # The gradient in x's memory order: S^H reads grad_y in any, and writes like x.
+            # S^H reads grad_y in any memory order and writes in grad_y's; x's gradient goes back in x's.
             grad_x = _contract(grad_y, coef, phi_re, phi_im, True, ctx.input_precision, ctx.tiles)
             grad_x = _reorder_like(grad_x, x)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:

@@ -2,6 +2,7 @@
 with all three rows, skipping finished legs, continuing a leg when --max-steps grows, and Table 7."""
 import glob
 import gzip
+import json
 import os
 import re
 import struct
@@ -142,10 +143,15 @@ def test_table7_six_variants_with_removed_terms_frozen(tmp_path, data, monkeypat
     header = text.split("\n\n")[1].splitlines()[0]
     assert [c.strip() for c in header.strip("|").split("|")][1:] == [
         "Baseline", "Diffusion + Reaction", "Diffusion + Convection", "Convection", "Diffusion", "Reaction"]
-    (name, cells), steps = table_rows(os.path.join(out, "table7.md")).items()
+    rows = table_rows(os.path.join(out, "table7.md"))
+    name, cells = next(iter(rows.items()))
     assert name.startswith("FID (fmnist-64, first 70 samples)")
     assert len(cells) == 6 and all(float(c) >= 0 for c in cells)
-    assert steps == ("Training steps", ["1"] * 6)
+    assert rows["Training steps"] == ["1"] * 6
+    # One step: its logged loss is both the final loss and the largest after the first tenth.
+    logged = [f"{reproduce.read_metrics(os.path.join(out, leg))[0]['loss']:.3f}" for leg in reproduce.TABLE7_LEGS]
+    assert rows["Training loss, mean of the last tenth of the steps"] == logged
+    assert rows["Largest logged training loss after the first tenth (spikes)"] == logged
     assert os.path.getsize(os.path.join(out, "samples.png")) and os.path.getsize(os.path.join(out, "curves.png"))
     # The diffusion-only variant was trained with convection and reaction removed: zero buffers, not parameters.
     result = reproduce.read_json(os.path.join(out, "diffusion", "result.json"))
@@ -183,9 +189,24 @@ def test_table7_fid_over_disjoint_sample_sets(tmp_path, data, monkeypatch):
     run("table7", data, tmp_path, "--max-steps", "1", "--num-samples", "140", "--fid-set-size", "70",
         "--report-only", monkeypatch=monkeypatch)
     rows = table_rows(os.path.join(out, "table7.md"))
-    assert list(rows) == ["FID (fmnist-64, first 70 samples)", "Training steps"]
+    assert list(rows)[:2] == ["FID (fmnist-64, first 70 samples)", "Training steps"]
     assert rows["FID (fmnist-64, first 70 samples)"] == [f"{fids[0]:.3f}"] + ["not run yet"] * 4 + ["7.500"]
     assert rows["Training steps"] == ["1", "", "", "", "", "1"]
+    # The hand-written leg has no metrics.jsonl: its loss cells stay empty.
+    assert rows["Training loss, mean of the last tenth of the steps"][1:] == [""] * 5
+
+
+def test_loss_summary_of_a_resumed_run(tmp_path):
+    # 100 steps logged every 5: loss 1 at first, a spike of 3 at step 40, 0.2 from step 90 on. A resumed
+    # process logged steps 85 to 100 again (0.1 from step 90 on); its records replace the first ones.
+    records = [dict(step=s, loss=3.0 if s == 40 else 0.2 if s >= 90 else 1.0) for s in range(5, 101, 5)]
+    records += [dict(step=s, loss=0.1 if s >= 90 else 1.0) for s in range(85, 101, 5)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records))
+    final, spike = reproduce.loss_summary(str(tmp_path), 100)
+    assert final == pytest.approx(0.1) and spike == 3.0       # steps 95 and 100; the largest after step 10
+    assert reproduce.loss_summary(str(tmp_path), 40) == (3.0, 3.0)   # a shorter run: only steps 40 and 5-40
+    assert reproduce.loss_summary(str(tmp_path / "missing"), 100) == (None, None)
 
 
 def test_fid_set_size_and_sample_count_must_exceed_the_features(tmp_path, data, monkeypatch):
