@@ -292,6 +292,16 @@ def _grouped_product(x, a_re, a_im, phi_re, phi_im, width, chunk_elements=None):
     return torch.view_as_real(y) if real_view else y
 
 
+def _irfft_weights(W, device=None):
+    """(W // 2 + 1,) float64: how often each rfft column counts in an inverse transform of
+    length W: once for k_x = 0 and (W even) Nyquist, twice, for its conjugate, otherwise."""
+    weight = torch.full((W // 2 + 1,), 2.0, dtype=torch.float64, device=device)
+    weight[0] = 1.0
+    if W % 2 == 0:
+        weight[-1] = 1.0
+    return weight
+
+
 def dft_matrices(grid_size, device=None, dtype=torch.float32):
     """Algorithm 1's embedding and rfft2, and the irfft2, as real matrices over row-major tokens.
 
@@ -317,11 +327,7 @@ def dft_matrices(grid_size, device=None, dtype=torch.float32):
     kx, ky = (k.expand(H, Wr).reshape(-1, 1) for k in wavenumbers(grid_size, device, torch.float64))
     M = torch.stack([torch.stack([cos, kx * sin, ky * sin], dim=-1),
                      torch.stack([-sin, kx * cos, ky * cos], dim=-1)])
-    weight = torch.full((Wr,), 2.0, dtype=torch.float64, device=device)
-    weight[0] = 1.0
-    if W % 2 == 0:
-        weight[-1] = 1.0
-    weight = weight.repeat(H)[:, None] / (H * W)
+    weight = _irfft_weights(W, device).repeat(H)[:, None] / (H * W)
     M_inv = torch.stack([weight * cos, -weight * sin], dim=1).permute(2, 1, 0)
     return M.to(dtype), M_inv.to(dtype)
 
@@ -365,11 +371,8 @@ def dft_factors(grid_size, device=None, dtype=torch.float32):
     # Inverse FFT along y: Re z = sum (cy Re y - sy Im y) / H, Im z = sum (sy Re y + cy Im y) / H,
     # N_y[y, re/im of z, re/im of y, k_y].
     N_y = torch.stack([torch.stack([cy.T, -sy.T], 1), torch.stack([sy.T, cy.T], 1)], 1) / H
-    weight = torch.full((Wr,), 2.0, dtype=torch.float64, device=device)
-    weight[0] = 1.0
-    if W % 2 == 0:
-        weight[-1] = 1.0
-    N_x = torch.stack([weight[:, None] * cx, -weight[:, None] * sx]).permute(2, 0, 1) / W
+    weight = _irfft_weights(W, device)[:, None]
+    N_x = torch.stack([weight * cx, -weight * sx]).permute(2, 0, 1) / W
     return (M_x.to(dtype), M_y.to(dtype)), (N_y.to(dtype), N_x.to(dtype))
 
 
