@@ -439,8 +439,9 @@ def main(args):
     if args.cuda_graph and (device.type != "cuda" or args.compile or args.benchmark in ("mixer", "symbol")):
         raise SystemExit("bench.py: --cuda-graph needs a CUDA device, a model table (not mixer or symbol) and no "
                          "--compile")
-    if args.transforms == "fft":
-        pde_ssm.DENSE_TRANSFORMS = False
+    if args.transforms != "auto":
+        pde_ssm.DENSE_TRANSFORMS = args.transforms != "fft"
+        pde_ssm.SEPARABLE_TRANSFORMS = args.transforms == "separable"
     print(f"{args.benchmark} on {environment(device)}")
     BENCHMARKS[args.benchmark](args, device)
 
@@ -473,10 +474,12 @@ def parse_args(argv=None):
     parser.add_argument("--dim", type=int, default=None,
                         help="mixer and symbol: token width, channels (default 64 for mixer, 384 for symbol: DiT-S)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
-    parser.add_argument("--transforms", choices=["auto", "fft"], default="auto",
+    parser.add_argument("--transforms", choices=["auto", "fft", "dense", "separable"], default="auto",
                         help="the pairwise and heads mixers' spectral transforms: auto (dense matrix products "
                              "on grids of at most pde_ssm.DENSE_TRANSFORM_MAX_TOKENS tokens where the fused "
-                             "product runs, else rfft2/irfft2) or fft (always rfft2/irfft2)")
+                             "product runs, else rfft2/irfft2), fft (always rfft2/irfft2), dense (one matrix "
+                             "product each way on every grid) or separable (one product along each grid axis "
+                             "each way, on every grid)")
     return parser.parse_args(argv)
 
 

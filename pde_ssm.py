@@ -18,8 +18,8 @@ h(y, x) = h0(y, x + 1), i.e. torch.roll(h0, -1, dims=-1).
 
 This file is the specification of the operator:
   - `pde_symbol`, `apply_symbol`, `pde_evolve`, `pde_kernel`: the functional core;
-  - `dft_matrices`, `dense_mix`: the module's transforms as dense matrix products,
-    taken on small grids where the fused product runs;
+  - `dft_matrices`, `dft_factors`, `dense_mix`: the module's transforms as dense
+    matrix products, taken on small grids on CUDA;
   - `PDESSM`: the module of the paper's Algorithm 1 (projection R, embedding
     B_gamma of Eq. 6, evolution with zeta = (K, b, r, tau), output projection).
 
@@ -64,13 +64,17 @@ PAIRWISE_SAVED_SYMBOL_ELEMENTS = 1 << 24
 # wherever it applies (complex64 on CUDA with Triton installed).
 FUSED_SPECTRAL_PRODUCT = None
 
-# Grids of at most this many tokens take the pairwise/grouped mixer's transforms as
-# dense matrix products (`dense_mix`: one product from the tokens to the spectrum in
-# the layout the fused product reads, one back), larger ones rfft2/irfft2. True or
-# False forces either; None (default) takes the dense transforms where the fused
-# product runs and the grid is small enough.
+# Grids of at most this many tokens take the mixer's transforms as dense matrix
+# products (`dense_mix`: one product from the tokens to the spectrum in the layout
+# the fused product reads, one back), larger ones rfft2/irfft2. True or False forces
+# either; None (default) takes the dense transforms on small enough grids on CUDA
+# (for the pairwise and heads couplings, where the fused product runs).
 DENSE_TRANSFORMS = None
 DENSE_TRANSFORM_MAX_TOKENS = 1024
+# The dense transforms as one product each way over all N tokens (False), or as two
+# products along one grid axis each (True, `dft_factors`): fewer flops on larger grids,
+# one more intermediate spectrum each way.
+SEPARABLE_TRANSFORMS = False
 
 TERMS = ("diffusion", "convection", "reaction")
 COUPLINGS = ("pairwise", "diagonal", "heads")
@@ -268,18 +272,34 @@ def _fused(x):
 
 
 def _grouped_product(x, a_re, a_im, phi_re, phi_im, width, chunk_elements=None):
-    """Y[g, f, i, b] = sum_j S[g, f, i, j] X[g, f, j, b] for x complex (G, F, Ci, B) on the
-    rfft2 grid `width` (W // 2 + 1) frequencies wide: the fused kernel or the reference
-    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> (G, F, Co, B)."""
+    """Y[g, f, i, b] = sum_j S[g, f, i, j] X[g, f, j, b] for x complex (G, F, Ci, B), or its
+    real (re, im) view (G, F, Ci, B, 2) of any strides, on the rfft2 grid `width`
+    (W // 2 + 1) frequencies wide: the fused kernel or the reference
+    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> Y of x's kind,
+    (G, F, Co, B) (the fused kernel writes a real view in x's memory order)."""
     if _fused(x):
         from kernels.spectral_product import spectral_product  # imports Triton only when used
         return spectral_product(x, a_re, a_im, phi_re, phi_im)
+    real_view = not x.is_complex()
+    if real_view:
+        x = torch.view_as_complex(x.contiguous())
     pairs = math.prod(a_re.shape[:3])
     budget = chunk_elements or (PAIRWISE_CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else PAIRWISE_CHUNK_ELEMENTS)
     chunk = max(1, budget // pairs)
     save_symbol = (pairs * x.shape[1] <= PAIRWISE_SAVED_SYMBOL_ELEMENTS and torch.is_grad_enabled()
                    and any(t.requires_grad for t in (x, a_re, a_im)))
-    return _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, width)
+    y = _GroupedSpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, chunk, save_symbol, width)
+    return torch.view_as_real(y) if real_view else y
+
+
+def _irfft_weights(W, device=None):
+    """(W // 2 + 1,) float64: how often each rfft column counts in an inverse transform of
+    length W: once for k_x = 0 and (W even) Nyquist, twice, for its conjugate, otherwise."""
+    weight = torch.full((W // 2 + 1,), 2.0, dtype=torch.float64, device=device)
+    weight[0] = 1.0
+    if W % 2 == 0:
+        weight[-1] = 1.0
+    return weight
 
 
 def dft_matrices(grid_size, device=None, dtype=torch.float32):
@@ -307,45 +327,97 @@ def dft_matrices(grid_size, device=None, dtype=torch.float32):
     kx, ky = (k.expand(H, Wr).reshape(-1, 1) for k in wavenumbers(grid_size, device, torch.float64))
     M = torch.stack([torch.stack([cos, kx * sin, ky * sin], dim=-1),
                      torch.stack([-sin, kx * cos, ky * cos], dim=-1)])
-    weight = torch.full((Wr,), 2.0, dtype=torch.float64, device=device)
-    weight[0] = 1.0
-    if W % 2 == 0:
-        weight[-1] = 1.0
-    weight = weight.repeat(H)[:, None] / (H * W)
+    weight = _irfft_weights(W, device).repeat(H)[:, None] / (H * W)
     M_inv = torch.stack([weight * cos, -weight * sin], dim=1).permute(2, 1, 0)
     return M.to(dtype), M_inv.to(dtype)
 
 
+def dft_factors(grid_size, device=None, dtype=torch.float32):
+    """The products of `dft_matrices` split into one product along each grid axis.
+
+    Returns (M_x (2, 2, Wr, W, 3), M_y (2, H, H, 2, 2)) and (N_y (H, 2, 2, H),
+    N_x (W, 2, Wr)), Wr = W // 2 + 1. Forward, for the fields u (H, W, 3) of one
+    channel (u_0, u_x, u_y of Eq. 6): along x, per row y,
+        a = F_x u_0 + i k_x F_x u_x,  c = F_x u_2,  (re, im) x (a, c) = M_x . u[y]
+    (F_x the rfft along x), then along y, per frequency k_x,
+        v = F_y a + i k_y F_y c = M_y contracted with (a, c) over (y, re/im, a/c),
+    v as in `dft_matrices`, laid out (re/im, k_y, k_x). Inverse, for y (re/im, k_y, k_x):
+    the inverse FFT along y, z = N_y . y over (re/im, k_y) per k_x, then irfft along x,
+    h = N_x . z over (re/im, k_x) per row.
+    """
+    H, W = grid_size
+    Wr = W // 2 + 1
+
+    def phases(n, frequencies):
+        # 2 pi f t / n from integer products reduced modulo n, in float64: (frequencies, n)
+        f, t = torch.arange(frequencies, device=device), torch.arange(n, device=device)
+        theta = 2 * math.pi * ((f[:, None] * t[None, :]) % n).double() / n
+        return theta.cos(), theta.sin()
+
+    kx, ky = (k.reshape(-1) for k in wavenumbers(grid_size, device, torch.float64))
+    cx, sx = phases(W, Wr)                                      # (Wr, W)
+    cy, sy = phases(H, H)                                       # (H, H): [k_y, y]
+    zero = torch.zeros_like(cx)
+    kxc, kxs = kx[:, None] * cx, kx[:, None] * sx
+    # M_x[re/im, a/c, k_x, x, s]: Re a = sum cx u0 + kx sx u1, Im a = sum -sx u0 + kx cx u1;
+    # Re c = sum cx u2, Im c = sum -sx u2.
+    M_x = torch.stack([torch.stack([torch.stack([cx, kxs, zero], -1), torch.stack([zero, zero, cx], -1)]),
+                       torch.stack([torch.stack([-sx, kxc, zero], -1), torch.stack([zero, zero, -sx], -1)])])
+    # M_y[re/im, k_y, y, re/im of (a, c), a/c]: F_y z = sum (cy Re z + sy Im z) + i (cy Im z - sy Re z);
+    # i k_y F_y c adds -k_y Im F_y c to Re v and k_y Re F_y c to Im v.
+    kyc, kys = ky[:, None] * cy, ky[:, None] * sy
+    M_y = torch.stack([torch.stack([torch.stack([cy, kys], -1), torch.stack([sy, -kyc], -1)], -2),
+                       torch.stack([torch.stack([-sy, kyc], -1), torch.stack([cy, kys], -1)], -2)])
+    # Inverse FFT along y: Re z = sum (cy Re y - sy Im y) / H, Im z = sum (sy Re y + cy Im y) / H,
+    # N_y[y, re/im of z, re/im of y, k_y].
+    N_y = torch.stack([torch.stack([cy.T, -sy.T], 1), torch.stack([sy.T, cy.T], 1)], 1) / H
+    weight = _irfft_weights(W, device)[:, None]
+    N_x = torch.stack([weight * cx, -weight * sx]).permute(2, 0, 1) / W
+    return (M_x.to(dtype), M_y.to(dtype)), (N_y.to(dtype), N_x.to(dtype))
+
+
 def dense_mix(u, K, b, r, tau, grid_size):
-    """Steps 2-3 of Algorithm 1 for the pairwise and grouped couplings, with the
-    transforms as dense matrix products (`dft_matrices`) instead of rfft2/irfft2.
+    """Steps 2-3 of Algorithm 1 with the transforms as dense matrix products
+    (`dft_matrices`, or `dft_factors` with SEPARABLE_TRANSFORMS) instead of rfft2/irfft2.
 
     u (B, N, 3C): the fields u_0, u_x, u_y of Eq. 6 as channel blocks of C, tokens
-    row-major on grid_size; K, b, r, tau pairwise or grouped as in `apply_symbol` ->
+    row-major on grid_size; K, b, r, tau of any coupling as in `apply_symbol` ->
     h (B, N, Co) = irfft2(S v) with v as in `dft_matrices`. The matrix products run
-    at u's dtype (autocast's) and the symbol product in float32 (complex128 for
-    float64). The spectrum goes from one product to the next in the (B, re/im, F, C)
-    layout, which the fused product reads and writes as it is: no transposes, casts
-    to complex or complex elementwise passes. The products cost O(N^2 C) per image,
-    against O(N log N C) for the FFTs, so they pay on small grids only
-    (DENSE_TRANSFORM_MAX_TOKENS).
+    at u's dtype (autocast's) and the symbol product in float32 (float64 for float64).
+    The spectrum goes from one product to the next in the (B, re/im, F, C) layout,
+    which the fused product reads and writes as it is: no transposes, casts to
+    complex or complex elementwise passes. The products cost O(N^2 C) per image
+    (O(N^1.5 C) separable), against O(N log N C) for the FFTs, so they pay on small
+    grids only (DENSE_TRANSFORM_MAX_TOKENS).
     """
-    a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
-    groups, c_out, c_in = a_re.shape[:3]
-    B, N, _ = u.shape
-    F = phi_re.shape[0]
-    M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
-    v = M @ u.reshape(B, 3 * N, groups * c_in)                                # (B, 2F, C)
-    real = torch.float64 if a_re.dtype == torch.float64 else torch.float32
-    x = v.to(real).view(B, 2, F, groups, c_in).permute(3, 2, 4, 0, 1)         # (G, F, Ci, B, re/im)
-    if _fused(x):
-        from kernels.spectral_product import spectral_product
-        y = spectral_product(x, a_re, a_im, phi_re, phi_im)                   # (G, F, Co, B, re/im), planar
+    B, N, C3 = u.shape
+    H, W = grid_size
+    Wr = W // 2 + 1
+    F, C = H * Wr, C3 // 3
+    if SEPARABLE_TRANSFORMS:
+        (M_x, M_y), (N_y, N_x) = _cached_dft_factors(tuple(grid_size), u.device, u.dtype)
+        v = M_x @ u.reshape(B * H, 3 * W, C)                                  # (BH, (re/im, a/c, Wr), C)
+        v = M_y @ v.reshape(B, 4 * H, Wr * C)                                 # (B, 2F, C)
     else:
-        x = torch.view_as_complex(x.contiguous())
-        y = torch.view_as_real(_grouped_product(x, a_re, a_im, phi_re, phi_im, grid_size[1] // 2 + 1))
-    y = y.permute(3, 4, 1, 0, 2).reshape(B, 2 * F, groups * c_out)
-    return M_inv @ y.to(u.dtype)
+        M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
+        v = M @ u.reshape(B, 3 * N, C)                                        # (B, 2F, C)
+    v = v.to(torch.float64 if K.dtype == torch.float64 else torch.float32).view(B, 2, F, C)
+    if K.dim() == 3:  # diagonal: each channel's spectrum times its own symbol
+        s = pde_symbol(K, b, r, tau, grid_size).reshape(C, F).T              # (F, C)
+        y = torch.stack([s.real * v[:, 0] - s.imag * v[:, 1], s.real * v[:, 1] + s.imag * v[:, 0]], 1)
+    else:
+        a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
+        groups, c_out, c_in = a_re.shape[:3]
+        x = v.view(B, 2, F, groups, c_in).permute(3, 2, 4, 0, 1)            # (G, F, Ci, B, re/im)
+        y = _grouped_product(x, a_re, a_im, phi_re, phi_im, Wr)              # (G, F, Co, B, re/im)
+        # The fused product writes y planar like x, so this is a view; the reference's y is copied.
+        y = y.permute(3, 4, 1, 0, 2)
+    y = y.reshape(B, 2 * F, -1).to(u.dtype)
+    c_out = y.shape[-1]
+    if SEPARABLE_TRANSFORMS:
+        z = N_y @ y.reshape(B, 2 * H, Wr * c_out)                             # (B, (H, re/im), Wr Co)
+        return (N_x @ z.reshape(B * H, 2 * Wr, c_out)).reshape(B, N, c_out)
+    return M_inv @ y
 
 
 @functools.lru_cache(maxsize=16)
@@ -357,14 +429,28 @@ def _cached_dft_matrices(grid_size, device, dtype):
         return M.reshape(M.shape[1] * 2, -1), M_inv.reshape(M_inv.shape[0], -1)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_dft_factors(grid_size, device, dtype):
+    """`dft_factors` as matrices ((4 Wr, 3W), (2H, 4H)) and ((2H, 2H), (W, 2 Wr)), made once
+    per grid, device and dtype (ordinary tensors even under inference mode)."""
+    with torch.inference_mode(False):
+        (M_x, M_y), (N_y, N_x) = dft_factors(grid_size, device, dtype)
+        H, W = grid_size
+        return ((M_x.reshape(-1, 3 * W), M_y.reshape(2 * H, 4 * H)),
+                (N_y.reshape(2 * H, 2 * H), N_x.reshape(W, -1)))
+
+
 def _dense_transforms(x, grid_size, coupling):
-    """Whether a PDESSM forward on tokens x takes `dense_mix` (DENSE_TRANSFORMS)."""
-    if coupling == "diagonal":
-        return False
+    """Whether a PDESSM forward on tokens x takes `dense_mix` (DENSE_TRANSFORMS): by default
+    on grids of at most DENSE_TRANSFORM_MAX_TOKENS, for the diagonal coupling on CUDA,
+    for the others where the fused product runs."""
     if DENSE_TRANSFORMS is not None:
         return DENSE_TRANSFORMS
-    spectrum = x.new_empty(0, dtype=_float32_fft_dtype(x))  # what the product would get
-    return math.prod(grid_size) <= DENSE_TRANSFORM_MAX_TOKENS and _fused(spectrum)
+    if math.prod(grid_size) > DENSE_TRANSFORM_MAX_TOKENS:
+        return False
+    if coupling == "diagonal":
+        return x.is_cuda
+    return _fused(x.new_empty(0, dtype=_float32_fft_dtype(x)))  # what the product would get
 
 
 #################################################################################

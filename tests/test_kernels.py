@@ -148,7 +148,8 @@ def test_planar_real_input_and_output():
 
 
 @runs_here
-def test_dense_mix_takes_the_fused_product(monkeypatch):
+@pytest.mark.parametrize("separable", [False, True])
+def test_dense_mix_takes_the_fused_product(monkeypatch, separable):
     """PDESSM on a small grid takes the dense transforms with the fused product on the planar
     spectrum (forced on the CPU, where the kernels run in the interpreter) and matches the
     float64 rfft2 path, gradients included."""
@@ -159,6 +160,7 @@ def test_dense_mix_takes_the_fused_product(monkeypatch):
         return fused(*args, **kwargs)
 
     monkeypatch.setattr(sp, "spectral_product", counted)
+    monkeypatch.setattr(pde_ssm, "SEPARABLE_TRANSFORMS", separable)
     torch.manual_seed(0)
     mixer = pde_ssm.PDESSM(12, 8, coupling="heads", num_heads=2).double()
     x = torch.randn(3, 20, 12, dtype=torch.float64)

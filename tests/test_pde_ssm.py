@@ -429,8 +429,27 @@ def test_dft_matrices_are_the_embedded_rfft2_and_the_irfft2(grid_size):
                                torch.fft.irfft2(y.reshape(H, -1), s=grid_size).reshape(-1))
 
 
-@pytest.mark.parametrize("coupling,heads,grid_size", [("pairwise", 1, (4, 5)), ("heads", 2, (6, 3))])
-def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads, grid_size):
+@pytest.mark.parametrize("grid_size", [(4, 4), (5, 6), (3, 7)])
+def test_dft_factors_are_the_embedded_rfft2_and_the_irfft2(grid_size):
+    H, W = grid_size
+    torch.manual_seed(0)
+    (M_x, M_y), (N_y, N_x) = pde_ssm.dft_factors(grid_size, dtype=F64)
+    u = torch.randn(H, W, 3, dtype=F64)
+    kx, ky = pde_ssm.wavenumbers(grid_size, dtype=F64)
+    u0, ux, uy = (torch.fft.rfft2(u[..., s]) for s in range(3))
+    rows = torch.einsum("rtkxs,yxs->yrtk", M_x, u)             # along x, per row
+    v = torch.einsum("pqyrt,yrtk->pqk", M_y, rows)             # along y, per k_x
+    torch.testing.assert_close(torch.complex(v[0], v[1]), u0 + 1j * (kx * ux + ky * uy))
+    y = torch.randn(H, W // 2 + 1, dtype=torch.complex128)
+    z = torch.einsum("yrpq,pqk->yrk", N_y, torch.stack([y.real, y.imag]))
+    torch.testing.assert_close(torch.einsum("xrk,yrk->yx", N_x, z), torch.fft.irfft2(y, s=grid_size))
+
+
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("coupling,heads,grid_size", [("pairwise", 1, (4, 5)), ("heads", 2, (6, 3)),
+                                                       ("diagonal", 1, (5, 4))])
+def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads, grid_size, separable):
+    monkeypatch.setattr(pde_ssm, "SEPARABLE_TRANSFORMS", separable)
     torch.manual_seed(0)
     m = PDESSM(8, 6, coupling=coupling, num_heads=heads).double()
     x = torch.randn(3, grid_size[0] * grid_size[1], 8, dtype=F64)
@@ -451,15 +470,17 @@ def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch):
+@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("coupling", ["pairwise", "diagonal"])
+def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch, separable, coupling):
     # DiT-S's width on the 16 x 16 grid of 32 px images at patch 2: the dense transforms
     # in bf16 against float64, next to the rfft2 path under the same autocast.
+    monkeypatch.setattr(pde_ssm, "SEPARABLE_TRANSFORMS", separable)
     torch.manual_seed(0)
-    m = PDESSM(384, coupling="pairwise").cuda()
+    m = PDESSM(384, coupling=coupling).cuda()
     x = torch.randn(8, 256, 384, device="cuda")
-    assert pde_ssm._dense_transforms(x, (16, 16), "pairwise")
-    assert not pde_ssm._dense_transforms(x, (64, 64), "pairwise") and not pde_ssm._dense_transforms(
-        x, (16, 16), "diagonal")
+    assert pde_ssm._dense_transforms(x, (16, 16), coupling)
+    assert not pde_ssm._dense_transforms(x, (64, 64), coupling)
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", False)
     ref = m.double()(x.double(), (16, 16))
     m.float()
