@@ -41,12 +41,18 @@ bounds against the float64 reference in each dot mode.
 """
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 LOG2E = 1.4426950408889634
+
+# Triton's interpreter (TRITON_INTERPRET=1, read when Triton starts) runs the kernels
+# in NumPy, which has no special-function unit: there the tf32 mode keeps the polynomial.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 #################################################################################
@@ -80,6 +86,19 @@ def _sincos(theta):
 
 
 @triton.jit
+def _sincos_special(theta):
+    """(sin theta, cos theta) from the special-function unit (__sinf, __cosf: absolute
+    error below 2^-21.4 on [-pi, pi]) after reducing theta by 2 pi to that range, in two
+    parts so that q * 6.28125 is exact for |q| < 2^16. Four instructions and two
+    special-function ones instead of `_sincos`'s two dozen; for the tf32 dots, which
+    cut the symbol to 11 significant bits anyway."""
+    q = tl.floor(theta * 0.15915494309189535 + 0.5)
+    r = theta - q * 6.28125
+    r = r - q * 1.9353071795864769e-03
+    return libdevice.fast_sinf(r), libdevice.fast_cosf(r)
+
+
+@triton.jit
 def _load_coefficients(coef_ptr, plane_stride, offs, mask):
     """The six exponent-coefficient planes (4 real, scaled by log2 e, then 2 imaginary)
     at the 2D tile offsets offs; masked pairs get 0 (a finite symbol, 1)."""
@@ -105,13 +124,17 @@ def _load_features(phi_re_ptr, phi_im_ptr, offs_f, mask_f):
 
 
 @triton.jit
-def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5):
+def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS: tl.constexpr):
     """S = 2^(sum_k c_k p_k, k < 4) e^(1j (c4 p4 + c5 p5)) (Eq. 10 with log2 e folded into
-    the real coefficients): (R, K) coefficient tiles, (F, 1, 1) features -> (F, R, K) re, im."""
+    the real coefficients): (R, K) coefficient tiles, (F, 1, 1) features -> (F, R, K) re, im.
+    The phase's sin and cos from `_sincos_special` or, for the float32-exact modes, `_sincos`."""
     log2_mag = c0[None, :, :] * p0 + c1[None, :, :] * p1 + c2[None, :, :] * p2 + c3[None, :, :] * p3
     theta = c4[None, :, :] * p4 + c5[None, :, :] * p5
     mag = tl.exp2(log2_mag)
-    sin, cos = _sincos(theta)
+    if SPECIAL_SINCOS:
+        sin, cos = _sincos_special(theta)
+    else:
+        sin, cos = _sincos(theta)
     return mag * cos, mag * sin
 
 
@@ -161,7 +184,8 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
                      F, B, ROWS, INNER,
                      in_sg, in_sf, in_sk, in_sb, in_si, out_sg, out_sf, out_sr, out_sb, out_si,
                      coef_s6, coef_sg, coef_sr, coef_sk,
-                     ADJOINT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_F: tl.constexpr,
+                     ADJOINT: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
+                     BLOCK_F: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """out[g, f, r, b] = sum_k M[g, f, r, k] in[g, f, k, b] with M = S (r output, k input
     channels) or, ADJOINT, M = S^H (r input, k output channels; phase negated). The
@@ -195,7 +219,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
         c0, c1, c2, c3, c4, c5 = _load_coefficients(
             coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
             mask_r[:, None] & mask_k[None, :])
-        m_re, m_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
+        m_re, m_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS)
         x_offs = in_ptr + in_fb + k[None, :, None] * in_sk
         mask_x = mask_fb & mask_k[None, :, None]
         x_re = tl.load(x_offs, mask=mask_x, other=0.0)
@@ -216,7 +240,8 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
                               F, B, C_OUT, C_IN, SPLITS, F_PER_SPLIT,
                               x_sg, x_sf, x_sc, x_sb, x_si, dy_sg, dy_sf, dy_sc, dy_sb, dy_si,
                               coef_s6, coef_sg, grad_split,
-                              PRECISION: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                              PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
+                              BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                               BLOCK_B: tl.constexpr):
     """For the pair tile (o, i) of group g over one split of the frequencies:
     dE[f] = (dy[f] x[f]^H) * conj(S[f]); grad[k] = sum_f Re dE[f] phi_re[f, k] (k < 4) and
@@ -264,7 +289,7 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
                                      -tl.load(x_offs + x_si, mask=mask_x, other=0.0), t1, t2, t3, PRECISION)
         dg_re, dg_im = _gauss_parts(t1, t2, t3)
         p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, offs_f < F)
-        s_re, s_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5)
+        s_re, s_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS)
         de_re = tl.reshape(dg_re * s_re + dg_im * s_im, (BLOCK_O, BLOCK_I))
         de_im = tl.reshape(dg_im * s_re - dg_re * s_im, (BLOCK_O, BLOCK_I))
         acc0 += de_re * tl.reshape(p0, (1, 1))
@@ -287,6 +312,11 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
 #                      Tile choices, launches and autograd                      #
 #################################################################################
 
+def _special_sincos(precision):
+    """The tf32 dots take the symbol's phase from the special-function unit (compiled only)."""
+    return precision == "tf32" and not INTERPRETER
+
+
 def _pow2_between(n, low, high):
     return min(high, max(low, triton.next_power_of_2(n)))
 
@@ -294,49 +324,51 @@ def _pow2_between(n, low, high):
 def _contract_tiles(B, rows, precision):
     """Every symbol entry made serves all BLOCK_B batch columns, so a large batch
     takes 2D tiles (one frequency, warpgroup MMA over BLOCK_R x BLOCK_B) and a small
-    batch takes BLOCK_F = 8 frequencies, one per warp (3D dots).
+    batch takes BLOCK_F frequencies, one or two per warp (3D dots).
 
     Registers per thread (ptxas for sm_90, Triton 3.6; 255 at most) bound the tiles:
     the three sums of `_gauss_dots` take 3 BLOCK_F BLOCK_R BLOCK_B floats and the
     symbol tile (re, im, their sum) 3 BLOCK_F BLOCK_R BLOCK_K, over 32 num_warps
-    threads. With tf32, 128 x 64 tiles over 8 warps (96 registers of sums) run
-    BLOCK_K = 16: BLOCK_K = 32 also fits (about 245 registers) but was 20% slower
-    on an H200 (C = 384, batch 64 and 250). A batch that is not a multiple of 16
-    makes Triton drop the aligned loads, and about 50 bytes spill. 64-row tiles run
-    one warpgroup of 4 warps with BLOCK_K = 16 (about 220; BLOCK_K = 32 spills): 8
-    warps on 64 rows would split the batch columns, and each warpgroup would make
-    the whole symbol tile, the MMA's A operand, again (so would a second frequency
-    per program). The float32-exact modes run FMA dots, whose operands take more
-    registers: 64-row tiles, BLOCK_K = 16, 8 warps (about 180). The small-batch
-    tile takes about 115 registers uncapped, two programs per multiprocessor;
-    capped at maxnreg = 128 it spills, so no cap is set."""
+    threads. The programs are latency-bound (one 8-warp program of 128 rows per
+    multiprocessor waits on shared memory three quarters of its cycles, Nsight
+    Compute), so the tf32 tiles are 64 rows by 64 batch columns on one warpgroup of
+    4 warps with BLOCK_K = 32 (254 registers, no spill): two programs fit on a
+    multiprocessor and each makes twice the symbol per pass. On an H200 (C = 384,
+    batch 64) that took the forward from 0.215 to 0.145 ms on a 16x16 grid and from
+    0.673 to 0.456 ms on 32x32 against 128 x 64 tiles on 8 warps with BLOCK_K = 16.
+    The float32-exact modes run FMA dots, whose operands take more registers:
+    64-row tiles, BLOCK_K = 16, 8 warps (about 180). At small batches 4 frequencies
+    of 32 rows on 4 warps took 4.94 ms where 8 of 16 rows on 8 warps took 6.67
+    (C = 1152, batch 4, 64x64 grid)."""
     block_b = _pow2_between(B, 8, 64)
     if block_b < 32:
-        return dict(BLOCK_F=8, BLOCK_R=16, BLOCK_K=16, BLOCK_B=block_b, num_warps=8, num_stages=2, maxnreg=None)
+        return dict(BLOCK_F=4, BLOCK_R=32, BLOCK_K=16, BLOCK_B=block_b, num_warps=4, num_stages=2, maxnreg=None)
     if precision == "tf32":
-        block_r = _pow2_between(rows, 16, 128)
-        return dict(BLOCK_F=1, BLOCK_R=block_r, BLOCK_K=16, BLOCK_B=block_b, num_warps=8 if block_r == 128 else 4,
+        return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=32, BLOCK_B=block_b, num_warps=4,
                     num_stages=2, maxnreg=None)
     return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=16, BLOCK_B=block_b, num_warps=8,
                 num_stages=2, maxnreg=None)
 
 
 def _grad_tiles(B, c_out, c_in, groups, F, device):
-    """Pair tiles of 64 x 32 keep the coefficients, six gradient accumulators and the
-    three dG sums of `_gauss_dots` in registers (about 210 with BLOCK_B = 32). The 64
-    rows stay when c_out is smaller: they make the dots warpgroup MMAs, where a
-    32-row tile takes Triton's older MMA layout, which repeats the accumulators over
-    the 8 warps and spills them. Frequency splits give at least two programs per
-    multiprocessor (their partial sums are added afterwards). Batch tiles of up to 64
-    columns: at batch 64 (C = 384, 16x16 and 32x32 grids, H200) one tile of 64 took
-    13% less time than two of 32; pipelining the loads over frequencies (num_stages 2
-    or 3, the frequency loop innermost) took 56% to 67% more."""
-    block_o, block_i = 64, _pow2_between(c_in, 16, 32)
+    """Pair tiles of 64 x 16 on one warpgroup of 4 warps keep the coefficients, six
+    gradient accumulators and the three dG sums of `_gauss_dots` in registers (about
+    250 with BLOCK_B = 64, no spill), two programs per multiprocessor. The 64 rows stay
+    when c_out is smaller: they make the dots warpgroup MMAs, where a 32-row tile
+    takes Triton's older MMA layout, which repeats the accumulators over the warps
+    and spills them. The program waits at the barriers around each frequency's small
+    dots, so more programs per multiprocessor help more than larger tiles: at batch 64
+    (C = 384, H200) 64 x 16 tiles on 4 warps took 0.381 ms on a 16x16 grid and 1.410
+    on 32x32, where 64 x 32 on 8 warps took 0.422 and 1.545 and every larger tile or
+    pipelined load (num_stages 2) was slower. Frequency splits give at least two
+    programs per multiprocessor (their partial sums are added afterwards). Batch tiles
+    of up to 64 columns."""
+    block_o, block_i = 64, 16
     programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     splits = max(1, min(F, triton.cdiv(2 * sms, programs)))
     return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 16, 64), SPLITS=splits,
-                num_warps=8, num_stages=1, maxnreg=None)
+                num_warps=4, num_stages=1, maxnreg=None)
 
 
 def _with_overrides(defaults, tiles, contracted):
@@ -384,7 +416,7 @@ def _contract(src, coef, phi_re, phi_im, adjoint, precision, tiles):
         coef = coef.transpose(2, 3).contiguous()     # (6, G, Ci, Co): S^H's rows are S's columns
     _contract_kernel[grid](dst, src, coef, phi_re, phi_im, F, B, rows, inner,
                            *src.stride(), *dst.stride(), *coef.stride(), ADJOINT=adjoint,
-                           PRECISION=precision, **cfg)
+                           PRECISION=precision, SPECIAL_SINCOS=_special_sincos(precision), **cfg)
     return dst
 
 
@@ -401,7 +433,7 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
     _grad_coefficients_kernel[grid](partial, x, dy, coef, phi_re, phi_im, F, B, c_out, c_in,
                                     splits, f_per_split, *x.stride(), *dy.stride(),
                                     coef.stride(0), coef.stride(1), partial.stride(0),
-                                    PRECISION=precision, **cfg)
+                                    PRECISION=precision, SPECIAL_SINCOS=_special_sincos(precision), **cfg)
     return partial.sum(0)
 
 
