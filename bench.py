@@ -475,11 +475,12 @@ def parse_args(argv=None):
                         help="mixer and symbol: token width, channels (default 64 for mixer, 384 for symbol: DiT-S)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
     parser.add_argument("--transforms", choices=["auto", "fft", "dense", "separable"], default="auto",
-                        help="the pairwise and heads mixers' spectral transforms: auto (dense matrix products "
-                             "on grids of at most pde_ssm.DENSE_TRANSFORM_MAX_TOKENS tokens where the fused "
-                             "product runs, else rfft2/irfft2), fft (always rfft2/irfft2), dense (one matrix "
-                             "product each way on every grid) or separable (one product along each grid axis "
-                             "each way, on every grid)")
+                        help="the PDE-SSM mixers' spectral transforms: auto (pde_ssm's default: dense matrix "
+                             "products on CUDA, one each way on grids of at most "
+                             "pde_ssm.FULL_TRANSFORM_MAX_TOKENS tokens, one along each grid axis above; "
+                             "rfft2/irfft2 on the CPU), fft (always rfft2/irfft2), dense (one matrix product "
+                             "each way on every grid) or separable (one product along each grid axis each way, "
+                             "on every grid)")
     return parser.parse_args(argv)
 
 

@@ -64,17 +64,17 @@ PAIRWISE_SAVED_SYMBOL_ELEMENTS = 1 << 24
 # wherever it applies (complex64 on CUDA with Triton installed).
 FUSED_SPECTRAL_PRODUCT = None
 
-# Grids of at most this many tokens take the mixer's transforms as dense matrix
-# products (`dense_mix`: one product from the tokens to the spectrum in the layout
-# the fused product reads, one back), larger ones rfft2/irfft2. True or False forces
-# either; None (default) takes the dense transforms on small enough grids on CUDA
-# (for the pairwise and heads couplings, where the fused product runs).
+# The mixer's transforms as dense matrix products (True: `dense_mix`, from the tokens
+# to the spectrum in the layout the fused product reads, and back) or as rfft2/irfft2
+# (False). None (default) takes the dense products on CUDA: for the diagonal coupling,
+# and for the pairwise and heads couplings where the fused product runs.
 DENSE_TRANSFORMS = None
-DENSE_TRANSFORM_MAX_TOKENS = 1024
-# The dense transforms as one product each way over all N tokens (False), or as two
-# products along one grid axis each (True, `dft_factors`): fewer flops on larger grids,
-# one more intermediate spectrum each way.
-SEPARABLE_TRANSFORMS = False
+# The dense transforms as one product each way over all N tokens (False, `dft_matrices`)
+# or as one product along each grid axis (True, `dft_factors`): O(N^1.5 C) instead of
+# O(N^2 C), one more intermediate spectrum each way. None (default) takes the full
+# products on grids of at most FULL_TRANSFORM_MAX_TOKENS tokens, the separable ones above.
+SEPARABLE_TRANSFORMS = None
+FULL_TRANSFORM_MAX_TOKENS = 1024
 
 TERMS = ("diffusion", "convection", "reaction")
 COUPLINGS = ("pairwise", "diagonal", "heads")
@@ -378,7 +378,8 @@ def dft_factors(grid_size, device=None, dtype=torch.float32):
 
 def dense_mix(u, K, b, r, tau, grid_size):
     """Steps 2-3 of Algorithm 1 with the transforms as dense matrix products
-    (`dft_matrices`, or `dft_factors` with SEPARABLE_TRANSFORMS) instead of rfft2/irfft2.
+    (`dft_matrices`, or `dft_factors` on larger grids: SEPARABLE_TRANSFORMS) instead of
+    rfft2/irfft2.
 
     u (B, N, 3C): the fields u_0, u_x, u_y of Eq. 6 as channel blocks of C, tokens
     row-major on grid_size; K, b, r, tau of any coupling as in `apply_symbol` ->
@@ -386,15 +387,17 @@ def dense_mix(u, K, b, r, tau, grid_size):
     at u's dtype (autocast's) and the symbol product in float32 (float64 for float64).
     The spectrum goes from one product to the next in the (B, re/im, F, C) layout,
     which the fused product reads and writes as it is: no transposes, casts to
-    complex or complex elementwise passes. The products cost O(N^2 C) per image
-    (O(N^1.5 C) separable), against O(N log N C) for the FFTs, so they pay on small
-    grids only (DENSE_TRANSFORM_MAX_TOKENS).
+    complex or complex elementwise passes. The products cost O(N^2 C) per image, or
+    O(N^1.5 C) separable, against O(N log N C) for the FFTs, but they run on the tensor
+    cores in autocast's dtype; on an H200 the separable ones were faster than the FFT
+    route on every grid measured, up to 256 x 256 tokens (BENCHMARKS.md).
     """
     B, N, C3 = u.shape
     H, W = grid_size
     Wr = W // 2 + 1
     F, C = H * Wr, C3 // 3
-    if SEPARABLE_TRANSFORMS:
+    separable = N > FULL_TRANSFORM_MAX_TOKENS if SEPARABLE_TRANSFORMS is None else SEPARABLE_TRANSFORMS
+    if separable:
         (M_x, M_y), (N_y, N_x) = _cached_dft_factors(tuple(grid_size), u.device, u.dtype)
         v = M_x @ u.reshape(B * H, 3 * W, C)                                  # (BH, (re/im, a/c, Wr), C)
         v = M_y @ v.reshape(B, 4 * H, Wr * C)                                 # (B, 2F, C)
@@ -414,7 +417,7 @@ def dense_mix(u, K, b, r, tau, grid_size):
         y = y.permute(3, 4, 1, 0, 2)
     y = y.reshape(B, 2 * F, -1).to(u.dtype)
     c_out = y.shape[-1]
-    if SEPARABLE_TRANSFORMS:
+    if separable:
         z = N_y @ y.reshape(B, 2 * H, Wr * c_out)                             # (B, (H, re/im), Wr Co)
         return (N_x @ z.reshape(B * H, 2 * Wr, c_out)).reshape(B, N, c_out)
     return M_inv @ y
@@ -440,14 +443,11 @@ def _cached_dft_factors(grid_size, device, dtype):
                 (N_y.reshape(2 * H, 2 * H), N_x.reshape(W, -1)))
 
 
-def _dense_transforms(x, grid_size, coupling):
+def _dense_transforms(x, coupling):
     """Whether a PDESSM forward on tokens x takes `dense_mix` (DENSE_TRANSFORMS): by default
-    on grids of at most DENSE_TRANSFORM_MAX_TOKENS, for the diagonal coupling on CUDA,
-    for the others where the fused product runs."""
+    for the diagonal coupling on CUDA, for the others where the fused product runs."""
     if DENSE_TRANSFORMS is not None:
         return DENSE_TRANSFORMS
-    if math.prod(grid_size) > DENSE_TRANSFORM_MAX_TOKENS:
-        return False
     if coupling == "diagonal":
         return x.is_cuda
     return _fused(x.new_empty(0, dtype=_float32_fft_dtype(x)))  # what the product would get
@@ -668,7 +668,7 @@ class PDESSM(nn.Module):
         gammas = torch.cat([self.gamma_0, self.gamma_x, self.gamma_y], dim=0)  # (3C, C)
         weight, bias = gammas @ self.R.weight, gammas @ self.R.bias
         u = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))                  # (B, N, 3C)
-        if _dense_transforms(u, grid_size, self.coupling):
+        if _dense_transforms(u, self.coupling):
             h = dense_mix(u, *self.pde_parameters(), (H, W))
             return self.proj(h.to(x.dtype))
         u = u.transpose(1, 2).reshape(B, 3 * C, H, W)

@@ -351,24 +351,27 @@ def _contract_tiles(B, rows, precision):
 
 
 def _grad_tiles(B, c_out, c_in, groups, F, device):
-    """Pair tiles of 64 x 16 on one warpgroup of 4 warps keep the coefficients, six
-    gradient accumulators and the three dG sums of `_gauss_dots` in registers (about
-    250 with BLOCK_B = 64, no spill), two programs per multiprocessor. The 64 rows stay
-    when c_out is smaller: they make the dots warpgroup MMAs, where a 32-row tile
-    takes Triton's older MMA layout, which repeats the accumulators over the warps
-    and spills them. The program waits at the barriers around each frequency's small
-    dots, so more programs per multiprocessor help more than larger tiles: at batch 64
-    (C = 384, H200) 64 x 16 tiles on 4 warps took 0.381 ms on a 16x16 grid and 1.410
-    on 32x32, where 64 x 32 on 8 warps took 0.422 and 1.545 and every larger tile or
-    pipelined load (num_stages 2) was slower. Frequency splits give at least two
-    programs per multiprocessor (their partial sums are added afterwards). Batch tiles
-    of up to 64 columns."""
-    block_o, block_i = 64, 16
+    """One warpgroup of 4 warps per program, two programs per multiprocessor: the
+    program waits at the barriers around each frequency's small dots (44% of its
+    stalls, Nsight Compute), which a second program hides better than larger tiles.
+    At a large batch pair tiles of 64 x 32 keep the coefficients, six gradient
+    accumulators and the three dG sums of `_gauss_dots` in registers; at batch 64
+    (C = 384, H200) they took 0.385 ms on a 16x16 grid and 1.496 on 32x32, where 8
+    warps took 0.417 and 1.531, and 64 x 16 tiles, 128-row tiles or pipelined loads
+    were slower. Small batches take 64 x 16 tiles with the loads pipelined over two
+    stages: 20.3 ms against 25.5 for 64 x 32 on 8 warps (C = 1152, batch 4, 64x64 grid).
+    The 64 rows stay when c_out is smaller: they make the dots warpgroup MMAs, where a
+    32-row tile takes Triton's older MMA layout, which repeats the accumulators over
+    the warps and spills them. Frequency splits give at least two programs per
+    multiprocessor (their partial sums are added afterwards). Batch tiles of up to 64
+    columns."""
+    block_b = _pow2_between(B, 16, 64)
+    block_o, block_i, stages = (64, 32, 1) if block_b >= 32 else (64, 16, 2)
     programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     splits = max(1, min(F, triton.cdiv(2 * sms, programs)))
-    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=_pow2_between(B, 16, 64), SPLITS=splits,
-                num_warps=4, num_stages=1, maxnreg=None)
+    return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=block_b, SPLITS=splits, num_warps=4,
+                num_stages=stages, maxnreg=None)
 
 
 def _with_overrides(defaults, tiles, contracted):

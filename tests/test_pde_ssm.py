@@ -466,29 +466,44 @@ def test_module_dense_transforms_match_the_fft_path(monkeypatch, coupling, heads
         torch.testing.assert_close(got, expected)
     # The automatic choice: rfft2/irfft2 on the CPU, where the fused product does not run.
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", None)
-    assert not pde_ssm._dense_transforms(x.float(), grid_size, coupling)
+    assert not pde_ssm._dense_transforms(x.float(), coupling)
+
+
+def test_dense_transforms_go_separable_above_the_full_size(monkeypatch):
+    # By default (SEPARABLE_TRANSFORMS None) grids above FULL_TRANSFORM_MAX_TOKENS take
+    # the per-axis factors, smaller ones the full matrices.
+    taken = []
+    for name in ("_cached_dft_matrices", "_cached_dft_factors"):
+        original = getattr(pde_ssm, name)
+        monkeypatch.setattr(pde_ssm, name, lambda *args, f=original, n=name: taken.append(n) or f(*args))
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
+    monkeypatch.setattr(pde_ssm, "FULL_TRANSFORM_MAX_TOKENS", 20)
+    m = PDESSM(8, 6).double()
+    for grid_size in [(4, 5), (5, 5)]:
+        m(torch.randn(2, grid_size[0] * grid_size[1], 8, dtype=F64), grid_size)
+    assert taken == ["_cached_dft_matrices", "_cached_dft_factors"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("separable", [False, True])
+@pytest.mark.parametrize("separable,side", [(False, 16), (True, 16), (None, 48)])
 @pytest.mark.parametrize("coupling", ["pairwise", "diagonal"])
-def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch, separable, coupling):
-    # DiT-S's width on the 16 x 16 grid of 32 px images at patch 2: the dense transforms
-    # in bf16 against float64, next to the rfft2 path under the same autocast.
+def test_cuda_dense_transforms_under_bf16_autocast(monkeypatch, separable, side, coupling):
+    # DiT-S's width on the 16 x 16 grid of 32 px images at patch 2, and on a 48 x 48 grid
+    # (above FULL_TRANSFORM_MAX_TOKENS: separable by default): the dense transforms in
+    # bf16 against float64, next to the rfft2 path under the same autocast.
     monkeypatch.setattr(pde_ssm, "SEPARABLE_TRANSFORMS", separable)
     torch.manual_seed(0)
     m = PDESSM(384, coupling=coupling).cuda()
-    x = torch.randn(8, 256, 384, device="cuda")
-    assert pde_ssm._dense_transforms(x, (16, 16), coupling)
-    assert not pde_ssm._dense_transforms(x, (64, 64), coupling)
+    x = torch.randn(8 if side == 16 else 2, side * side, 384, device="cuda")
+    assert pde_ssm._dense_transforms(x, coupling)
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", False)
-    ref = m.double()(x.double(), (16, 16))
+    ref = m.double()(x.double(), (side, side))
     m.float()
     errors = {}
     for dense in (False, True):
         monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", dense)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = m(x, (16, 16))
+            out = m(x, (side, side))
         errors[dense] = ((out.double() - ref).norm() / ref.norm()).item()
     print(f"relative error against float64: rfft2 {errors[False]:.2e}, dense {errors[True]:.2e}")
     assert errors[True] < 3e-2 and errors[True] < 3 * errors[False]
