@@ -238,9 +238,12 @@ def bench_models(args, device, cells, make_step, name, title):
                          "peak_bytes": mem})
             print(f"  {size}/{patch} {image_size}px {system:16s} {fmt_time(t)} ms  {fmt_mem(mem)} GiB", flush=True)
 
-    def plot(path):  # one line per system and image size (table5 has two)
-        several = len({row["image"] for row in rows}) > 1
-        lines = [dict(row, line=row["system"] + (f", {row['image']} px" if several else "")) for row in rows]
+    def plot(path):
+        # One line per system over the token counts; table5, whose patch sizes give each image size
+        # several token counts, one per system and image size.
+        images = {row["image"] for row in rows}
+        per_image = len(images) > 1 and len({(row["image"], row["tokens"]) for row in rows}) > len(images)
+        lines = [dict(row, line=row["system"] + (f", {row['image']} px" if per_image else "")) for row in rows]
         plot_lines(lines, "tokens", "line", path, title, "tokens")
 
     columns = ["model", "image", "tokens", "system", "params_M", "ms", "peak_GiB", "speedup_vs_sdpa"]

@@ -28,6 +28,22 @@ def test_mixer_and_table5_smoke(tmp_path):
     assert params["attn-sdpa"] == params["attn-naive"] < params["pdessm-pairwise"]
 
 
+@pytest.mark.parametrize("benchmark,lines", [
+    ("scaling", ["attn-sdpa", "pdessm-pairwise"]),       # one token count per image size: a line per system
+    ("table5", ["attn-sdpa, 8 px", "pdessm-pairwise, 8 px", "attn-sdpa, 16 px", "pdessm-pairwise, 16 px"])])
+def test_plot_lines_follow_the_token_counts(tmp_path, monkeypatch, benchmark, lines):
+    drawn = {}
+
+    def plot_lines(rows, x_key, series_key, path, title, xlabel):
+        for row in rows:
+            drawn.setdefault(row[series_key], []).append(row[x_key])
+
+    monkeypatch.setattr(bench, "plot_lines", plot_lines)
+    run(tmp_path, benchmark, images=[8, 16], patches=[1, 2], grids=[2, 4], systems=["attn-sdpa", "pdessm-pairwise"])
+    assert list(drawn) == lines
+    assert all(len(tokens) == len(set(tokens)) > 1 for tokens in drawn.values())
+
+
 def test_out_of_memory_is_reported_not_raised():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
