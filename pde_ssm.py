@@ -19,7 +19,7 @@ h(y, x) = h0(y, x + 1), i.e. torch.roll(h0, -1, dims=-1).
 This file is the specification of the operator:
   - `pde_symbol`, `apply_symbol`, `pde_evolve`, `pde_kernel`: the functional core;
   - `dft_matrices`, `dft_factors`, `dense_mix`: the module's transforms as dense
-    matrix products, taken on small grids on CUDA;
+    matrix products, taken on CUDA;
   - `PDESSM`: the module of the paper's Algorithm 1 (projection R, embedding
     B_gamma of Eq. 6, evolution with zeta = (K, b, r, tau), output projection).
 

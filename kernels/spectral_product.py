@@ -356,10 +356,11 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
     stalls, Nsight Compute), which a second program hides better than larger tiles.
     At a large batch pair tiles of 64 x 32 keep the coefficients, six gradient
     accumulators and the three dG sums of `_gauss_dots` in registers; at batch 64
-    (C = 384, H200) they took 0.385 ms on a 16x16 grid and 1.496 on 32x32, where 8
-    warps took 0.417 and 1.531, and 64 x 16 tiles, 128-row tiles or pipelined loads
-    were slower. Small batches take 64 x 16 tiles with the loads pipelined over two
-    stages: 20.3 ms against 25.5 for 64 x 32 on 8 warps (C = 1152, batch 4, 64x64 grid).
+    (C = 384, H200) they took 0.364 ms on a 16x16 grid and 1.316 on 32x32, where
+    64 x 16 tiles took 0.464 and 1.747, and 128-row tiles or pipelined loads were
+    slower still (64 x 32 on 8 warps with `_sincos`, before: 0.416 and 1.531). Small
+    batches take 64 x 16 tiles with the loads pipelined over two stages: 20.3 ms, 21.0
+    without the pipelining, 25.4 before (C = 1152, batch 4, 64x64 grid).
     The 64 rows stay when c_out is smaller: they make the dots warpgroup MMAs, where a
     32-row tile takes Triton's older MMA layout, which repeats the accumulators over
     the warps and spills them. Frequency splits give at least two programs per
