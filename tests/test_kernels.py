@@ -120,6 +120,8 @@ def test_sincos_accuracy(special, tol):
     (1, 5, 3, (5, 3), 3, None),               # tiles from the shapes, one partial tile each
     (3, 16, 16, (4, 4), 1, None),
     (1, 130, 40, (2, 3), 33, None),           # a large batch's 2D tiles, ragged rows and columns
+    (2, 6, 20, (3, 2), 20, dict(SMALL_TILES, RANK1=True)),     # the gradient's rank-1 updates at any batch,
+    (1, 20, 6, (2, 3), 5, dict(SMALL_2D_TILES, RANK1=False)),  # and its dots at a small one
 ])
 def test_matches_reference(groups, c_out, c_in, grid_size, batch, tiles):
     check_against_reference(groups, c_out, c_in, grid_size, batch, 2e-5, tiles=tiles, input_precision="ieee")
