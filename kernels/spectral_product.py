@@ -375,11 +375,12 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
     """One warpgroup of 4 warps per program, two programs per multiprocessor: the
     program waits at the barriers around each frequency's small dots (44% of its
     stalls, Nsight Compute), which a second program hides better than larger tiles.
-    At a large batch pair tiles of 64 x 32 keep the coefficients, six gradient
-    accumulators and the three dG sums of `_gauss_dots` in registers; at batch 64
-    (C = 384, H200) they took 0.364 ms on a 16x16 grid and 1.316 on 32x32, where
-    64 x 16 tiles took 0.464 and 1.747, and 128-row tiles or pipelined loads were
-    slower still (64 x 32 on 8 warps with `_sincos`, before: 0.416 and 1.531). Small
+    At a large batch pair tiles of 64 x 32 hold the coefficients, six gradient
+    accumulators and the three dG sums of `_gauss_dots` (with some spilling); at batch
+    64 (C = 384, H200) they took 0.364 ms on a 16x16 grid and 1.316 on 32x32, against
+    0.416 and 1.531 for 64 x 32 on 8 warps with `_sincos` before. 64 x 16 tiles were
+    0.464 against 0.385 ms in one process and 0.358 against 0.363 in another host's, so
+    the two are about even; 128-row tiles and pipelined loads were slower. Small
     batches take 64 x 16 tiles with the loads pipelined over two stages: 20.3 ms, 21.0
     without the pipelining, 25.4 before (C = 1152, batch 4, 64x64 grid).
     The 64 rows stay when c_out is smaller: they make the dots warpgroup MMAs, where a
