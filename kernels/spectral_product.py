@@ -395,10 +395,8 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
     against 8.3e-4); at batch 8 (C = 384, 32x32) 1.18 against 1.04 ms, at 16 2.25
     against 1.00. 64 x 16 tiles on 4 warps were the fastest of those tried for it."""
     block_b = _pow2_between(B, 16, 64)
-    block_o, block_i, stages = (64, 32, 1) if block_b >= 32 else (64, 16, 2)
     rank1 = B <= RANK1_MAX_BATCH
-    if rank1:
-        stages = 1
+    block_o, block_i, stages = (64, 32, 1) if block_b >= 32 else (64, 16, 1 if rank1 else 2)
     programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     splits = max(1, min(F, triton.cdiv(2 * sms, programs)))

@@ -24,7 +24,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # Without CUDA the kernels need Triton's interpreter, which Triton chooses when it is
 # first imported: test_in_triton_interpreter reruns this file in a child process.
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETER = sp.INTERPRETER
 runs_here = pytest.mark.skipif(not (CUDA or INTERPRETER),
                                reason="no CUDA: runs in the Triton interpreter (test_in_triton_interpreter)")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="model sizes need a CUDA GPU (too slow in the interpreter)")
