@@ -135,20 +135,32 @@ def write_results(name, rows, columns, out_dir, device, plot=None):
 #                    Whole models: DiT vs PDESSM-DiT (Tables 5, 8, 9)           #
 #################################################################################
 
-# The systems of every table: the DiT mixer and, for PDE-SSM, its coupling.
+# The systems of every table: the DiT mixer and, for PDE-SSM, its coupling; and, in the
+# model tables only, "no-mixer": DiT with every block's mixer taken out (`NoMixer`).
 SYSTEMS = {
     "attn-sdpa": dict(mixer="attn"),
     "attn-naive": dict(mixer="attn", naive=True),
     "pdessm-diagonal": dict(mixer="pdessm", pdessm_coupling="diagonal"),
     "pdessm-heads": dict(mixer="pdessm", pdessm_coupling="heads"),
     "pdessm-pairwise": dict(mixer="pdessm", pdessm_coupling="pairwise"),
+    "no-mixer": dict(mixer="attn", no_mixer=True),
 }
+MIXERS = [system for system in SYSTEMS if system != "no-mixer"]
+
+
+class NoMixer(torch.nn.Module):
+    """A block's spatial mixer replaced by the identity (its projections go too): the model
+    tables' floor. A step of this model costs everything but the mixing, so no mixer,
+    however fast, makes a step faster than this one; step minus floor is the mixer's share."""
+
+    def forward(self, x, grid_size):
+        return x
 
 
 def build_system(size, patch, image_size, system, device, num_classes=10, channels=3, compile=False):
     """A DiT-<size>/<patch> with the mixer of `system`, in pixel space, on device."""
     options = dict(SYSTEMS[system])
-    naive = options.pop("naive", False)
+    naive, no_mixer = options.pop("naive", False), options.pop("no_mixer", False)
     if options.get("pdessm_coupling") == "heads":
         options["pdessm_heads"] = {"T": 4, "S": 6, "B": 12, "L": 16, "XL": 16}[size]
     model = build_model(f"DiT-{size}/{patch}", input_size=image_size, in_channels=channels,
@@ -156,6 +168,8 @@ def build_system(size, patch, image_size, system, device, num_classes=10, channe
     for block in model.blocks:
         if naive:
             block.attn.naive = True
+        if no_mixer:
+            block.attn = NoMixer()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return (torch.compile(model) if compile else model), params
 
@@ -295,6 +309,10 @@ def build_mixer(system, dim, heads):
 
 def bench_mixer(args, device):
     """Forward + backward of one mixer on (batch, grid^2, dim) tokens."""
+    others = [system for system in args.systems if system not in MIXERS]
+    if others:
+        raise SystemExit(f"bench.py mixer times mixers alone; {', '.join(others)} is a model-table system: "
+                         f"choose from {', '.join(MIXERS)}")
     rows = []
     for grid in args.grids:
         base = None
@@ -439,6 +457,8 @@ def main(args):
     for key, value in DEFAULTS[args.benchmark].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.systems is None:
+        args.systems = MIXERS if args.benchmark == "mixer" else list(SYSTEMS)
     if args.cuda_graph and (device.type != "cuda" or args.compile or args.benchmark in ("mixer", "symbol")):
         raise SystemExit("bench.py: --cuda-graph needs a CUDA device, a model table (not mixer or symbol) and no "
                          "--compile")
@@ -468,8 +488,10 @@ def parse_args(argv=None):
                              "need S or larger); T is the tiny CPU config (patches 1, 2, 4)")
     parser.add_argument("--images", type=int, nargs="+", default=[32, 64], help="table5: image sizes in pixels")
     parser.add_argument("--patches", type=int, nargs="+", default=[2, 4, 8], help="table5: patch sizes")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
-                        help="which systems to time (mixers, or DiT models with that mixer)")
+    parser.add_argument("--systems", nargs="+", default=None, choices=list(SYSTEMS),
+                        help="which systems to time: mixers, or DiT models with that mixer (default: all); "
+                             "the model tables also take no-mixer, DiT without any spatial mixer, the floor of "
+                             "every step")
     parser.add_argument("--compile", action="store_true", help="model tables: torch.compile every model")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model tables: replay every step as one CUDA graph (train.py --cuda-graph), "

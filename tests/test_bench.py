@@ -19,13 +19,31 @@ def run(tmp_path, benchmark, **overrides):
 
 
 def test_mixer_and_table5_smoke(tmp_path):
-    for benchmark in ("mixer", "table5"):
+    for benchmark, systems in (("mixer", bench.MIXERS), ("table5", list(bench.SYSTEMS))):
         rows = run(tmp_path, benchmark)
-        assert [row["system"] for row in rows] == list(bench.SYSTEMS)
+        assert [row["system"] for row in rows] == systems
         assert all(isinstance(row["seconds"], float) and row["seconds"] > 0 for row in rows)
         assert (tmp_path / f"{benchmark}.png").stat().st_size > 0
     params = {row["system"]: float(row["params_M"]) for row in rows}
-    assert params["attn-sdpa"] == params["attn-naive"] < params["pdessm-pairwise"]
+    assert params["no-mixer"] < params["attn-sdpa"] == params["attn-naive"] < params["pdessm-pairwise"]
+
+
+def test_no_mixer_takes_out_exactly_the_attention():
+    # DiT-T/2's blocks each lose one attention: qkv (d x 3d, 3d biases) and proj (d x d, d biases).
+    models = {system: bench.build_system("T", 2, 8, system, torch.device("cpu"))
+              for system in ("attn-sdpa", "no-mixer")}
+    (dit, dit_params), (floor, floor_params) = models["attn-sdpa"], models["no-mixer"]
+    d, depth = dit.blocks[0].norm1.normalized_shape[0], len(dit.blocks)
+    assert dit_params - floor_params == depth * (4 * d * d + 4 * d)
+    x = torch.randn(2, 16, d)
+    assert all(torch.equal(block.attn(x, (4, 4)), x) for block in floor.blocks)
+
+
+def test_the_mixer_benchmark_refuses_the_no_mixer_floor(tmp_path):
+    with pytest.raises(SystemExit, match="mixer times mixers alone; no-mixer is a model-table system: choose "
+                                         "from attn-sdpa, attn-naive"):
+        run(tmp_path, "mixer", systems=["attn-sdpa", "no-mixer"])
+    assert not (tmp_path / "mixer.json").exists()
 
 
 @pytest.mark.parametrize("benchmark,lines", [
