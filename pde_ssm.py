@@ -275,8 +275,13 @@ def _grouped_product(x, a_re, a_im, phi_re, phi_im, width, chunk_elements=None):
     """Y[g, f, i, b] = sum_j S[g, f, i, j] X[g, f, j, b] for x complex (G, F, Ci, B), or its
     real (re, im) view (G, F, Ci, B, 2) of any strides, on the rfft2 grid `width`
     (W // 2 + 1) frequencies wide: the fused kernel or the reference
-    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> Y of x's kind,
-    (G, F, Co, B) (the fused kernel writes a real view in x's memory order)."""
+    `_GroupedSpectralProduct` (chunk_elements as in `apply_symbol`) -> Y of x's kind and
+    dtype, (G, F, Co, B) (the fused kernel writes a real view in x's memory order).
+    A bf16 real view goes to the fused kernel as it is (bf16 dots, `spectral_product`);
+    elsewhere 16-bit views are multiplied in float32."""
+    if not x.is_complex() and x.dtype in (torch.bfloat16, torch.float16) and not (
+            x.dtype == torch.bfloat16 and _fused(x)):
+        return _grouped_product(x.float(), a_re, a_im, phi_re, phi_im, width, chunk_elements).to(x.dtype)
     if _fused(x):
         from kernels.spectral_product import spectral_product  # imports Triton only when used
         return spectral_product(x, a_re, a_im, phi_re, phi_im)
@@ -384,8 +389,10 @@ def dense_mix(u, K, b, r, tau, grid_size):
     u (B, N, 3C): the fields u_0, u_x, u_y of Eq. 6 as channel blocks of C, tokens
     row-major on grid_size; K, b, r, tau of any coupling as in `apply_symbol` ->
     h (B, N, Co) = irfft2(S v) with v as in `dft_matrices`. The matrix products run
-    at u's dtype (autocast's) and the symbol product in float32 (float64 for float64).
-    The spectrum goes from one product to the next in the (B, re/im, F, C) layout,
+    at u's dtype (autocast's) and the symbol product in float32 (float64 for float64),
+    but for the fused pairwise and heads product on a bf16 spectrum (bf16 autocast),
+    which reads and writes it in bf16 and multiplies in bf16 dots with float32 sums,
+    as autocast runs matrix products (`_grouped_product`). The spectrum goes from one product to the next in the (B, re/im, F, C) layout,
     which the fused product reads and writes as it is: no transposes, casts to
     complex or complex elementwise passes. The products cost O(N^2 C) per image, or
     O(N^1.5 C) separable, against O(N log N C) for the FFTs, but they run on the tensor
@@ -404,8 +411,9 @@ def dense_mix(u, K, b, r, tau, grid_size):
     else:
         M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
         v = M @ u.reshape(B, 3 * N, C)                                        # (B, 2F, C)
-    v = v.to(torch.float64 if K.dtype == torch.float64 else torch.float32).view(B, 2, F, C)
+    v = v.view(B, 2, F, C)
     if K.dim() == 3:  # diagonal: each channel's spectrum times its own symbol
+        v = v.to(torch.float64 if K.dtype == torch.float64 else torch.float32)
         s = pde_symbol(K, b, r, tau, grid_size).reshape(C, F).T              # (F, C)
         y = torch.stack([s.real * v[:, 0] - s.imag * v[:, 1], s.real * v[:, 1] + s.imag * v[:, 0]], 1)
     else:

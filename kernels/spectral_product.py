@@ -53,6 +53,9 @@ LOG2E = 1.4426950408889634
 # Triton's interpreter (TRITON_INTERPRET=1, read when Triton starts) runs the kernels
 # in NumPy, which has no special-function unit: there the tf32 mode keeps the polynomial.
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+# Its bf16 dots return garbage (Triton 3.8), so there the "bf16" mode's dots take the
+# bf16 operands as float32: the same exact products and float32 sums.
+_DOT_BF16_AS_FLOAT32 = tl.constexpr(INTERPRETER)
 
 
 #################################################################################
@@ -159,19 +162,49 @@ def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gauss_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr):
-    """One step of Gauss's complex product (module docstring): the three real dots
-    t1 += a_re b_re, t2 += a_im b_im, t3 += (a_re + a_im)(b_re + b_im), batched as
-    `_batched_dot`; `_gauss_parts` makes Re and Im of the sum of the steps."""
-    t1 = _batched_dot(a_re, b_re, t1, PRECISION)
-    t2 = _batched_dot(a_im, b_im, t2, PRECISION)
-    t3 = _batched_dot(a_re + a_im, b_re + b_im, t3, PRECISION)
+def _complex_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr):
+    """One step of the complex product sum A B, batched as `_batched_dot`. In the
+    float32 modes Gauss's three real dots (module docstring): t1 += a_re b_re,
+    t2 += a_im b_im, t3 += (a_re + a_im)(b_re + b_im). In "bf16" the four real dots on
+    bf16 operands with float32 sums, t1 += a_re b_re - a_im b_im, t2 += a_re b_im +
+    a_im b_re (t3 unused): a bf16 sum a_re + a_im would be rounded, and four bf16 dots
+    take two thirds of the tensor-core time of Gauss's three in tf32.
+    `_complex_parts` makes Re and Im of the sum of the steps."""
+    if PRECISION == "bf16":
+        a_re, a_im = a_re.to(tl.bfloat16), a_im.to(tl.bfloat16)
+        b_re, b_im = b_re.to(tl.bfloat16), b_im.to(tl.bfloat16)
+        if _DOT_BF16_AS_FLOAT32:
+            a_re, a_im = a_re.to(tl.float32), a_im.to(tl.float32)
+            b_re, b_im = b_re.to(tl.float32), b_im.to(tl.float32)
+        t1 = _batched_dot(a_re, b_re, t1, "ieee")
+        t1 = _batched_dot(-a_im, b_im, t1, "ieee")
+        t2 = _batched_dot(a_re, b_im, t2, "ieee")
+        t2 = _batched_dot(a_im, b_re, t2, "ieee")
+    else:
+        t1 = _batched_dot(a_re, b_re, t1, PRECISION)
+        t2 = _batched_dot(a_im, b_im, t2, PRECISION)
+        t3 = _batched_dot(a_re + a_im, b_re + b_im, t3, PRECISION)
     return t1, t2, t3
 
 
 @triton.jit
-def _gauss_parts(t1, t2, t3):
-    """(Re, Im) of a complex product from the sums t1, t2, t3 of `_gauss_dots`."""
+def _complex_sums(shape, PRECISION: tl.constexpr):
+    """Zeroed sums t1, t2, t3 of `_complex_dots` for results of `shape` (t3 a
+    placeholder in "bf16", which does not use it)."""
+    t1 = tl.zeros(shape, dtype=tl.float32)
+    t2 = tl.zeros(shape, dtype=tl.float32)
+    if PRECISION == "bf16":
+        t3 = tl.zeros((1, 1, 1), dtype=tl.float32)
+    else:
+        t3 = tl.zeros(shape, dtype=tl.float32)
+    return t1, t2, t3
+
+
+@triton.jit
+def _complex_parts(t1, t2, t3, PRECISION: tl.constexpr):
+    """(Re, Im) of a complex product from the sums t1, t2, t3 of `_complex_dots`."""
+    if PRECISION == "bf16":
+        return t1, t2
     return t1 - t2, t3 - t1 - t2
 
 
@@ -210,9 +243,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     in_fb = offs_f.to(tl.int64)[:, None, None] * in_sf + offs_b.to(tl.int64)[None, None, :] * in_sb
     mask_fb = mask_f[:, None, None] & mask_b[None, None, :]
 
-    t1 = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
-    t2 = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
-    t3 = tl.zeros((BLOCK_F, BLOCK_R, BLOCK_B), dtype=tl.float32)
+    t1, t2, t3 = _complex_sums((BLOCK_F, BLOCK_R, BLOCK_B), PRECISION)
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < INNER
@@ -224,15 +255,15 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
         mask_x = mask_fb & mask_k[None, :, None]
         x_re = tl.load(x_offs, mask=mask_x, other=0.0)
         x_im = tl.load(x_offs + in_si, mask=mask_x, other=0.0)
-        t1, t2, t3 = _gauss_dots(m_re, m_im, x_re, x_im, t1, t2, t3, PRECISION)
+        t1, t2, t3 = _complex_dots(m_re, m_im, x_re, x_im, t1, t2, t3, PRECISION)
 
     out_ptr += g.to(tl.int64) * out_sg
     out_offs = (offs_f.to(tl.int64)[:, None, None] * out_sf + offs_r[None, :, None] * out_sr
                 + offs_b.to(tl.int64)[None, None, :] * out_sb)
     mask = mask_f[:, None, None] & mask_r[None, :, None] & mask_b[None, None, :]
-    y_re, y_im = _gauss_parts(t1, t2, t3)
-    tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2) * out_si, tl.join(y_re, y_im),
-             mask=mask[:, :, :, None])
+    y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
+    tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2) * out_si,
+             tl.join(y_re, y_im).to(out_ptr.dtype.element_ty), mask=mask[:, :, :, None])
 
 
 @triton.jit
@@ -259,8 +290,9 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
     c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr + g * coef_sg, coef_s6, pair_offs, pair_mask)
     x_ptr += g.to(tl.int64) * x_sg
     dy_ptr += g.to(tl.int64) * dy_sg
-    # dG = dy x^H as Gauss's product of dy (O, B) and conj(x)^T (B, I) over the batch;
-    # real parts at the offsets of the float32 views, imaginary parts x_si and dy_si further.
+    # dG = dy x^H over the batch, from the complex product q = dy (x_im + 1j x_re)^T of dy (O, B)
+    # and (B, I) (`_complex_dots`, which needs no negated operand): conj(x) = -1j (x_im + 1j x_re),
+    # so dG = -1j q. Real parts at the offsets of the views, imaginary parts x_si and dy_si further.
     dy_o = offs_o[None, :, None] * dy_sc
     x_i = offs_i[None, None, :] * x_sc
 
@@ -282,16 +314,14 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
             for b in range(0, B):
                 b64 = b + tl.zeros((1, 1, 1), dtype=tl.int64)
                 dy_b, x_b = dy_f + b64 * dy_sb, x_f + b64 * x_sb
-                dy_re = tl.load(dy_b, mask=mask_o[None, :, None], other=0.0)
-                dy_im = tl.load(dy_b + dy_si, mask=mask_o[None, :, None], other=0.0)
-                x_re = tl.load(x_b, mask=mask_i[None, None, :], other=0.0)
-                x_im = tl.load(x_b + x_si, mask=mask_i[None, None, :], other=0.0)
+                dy_re = tl.load(dy_b, mask=mask_o[None, :, None], other=0.0).to(tl.float32)
+                dy_im = tl.load(dy_b + dy_si, mask=mask_o[None, :, None], other=0.0).to(tl.float32)
+                x_re = tl.load(x_b, mask=mask_i[None, None, :], other=0.0).to(tl.float32)
+                x_im = tl.load(x_b + x_si, mask=mask_i[None, None, :], other=0.0).to(tl.float32)
                 dg_re += dy_re * x_re + dy_im * x_im
                 dg_im += dy_im * x_re - dy_re * x_im
         else:
-            t1 = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
-            t2 = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
-            t3 = tl.zeros((1, BLOCK_O, BLOCK_I), dtype=tl.float32)
+            t1, t2, t3 = _complex_sums((1, BLOCK_O, BLOCK_I), PRECISION)
             for b0 in range(0, B, BLOCK_B):
                 b = (b0 + offs_b).to(tl.int64)
                 mask_b = b < B
@@ -299,11 +329,12 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
                 mask_dy = mask_o[None, :, None] & mask_b[None, None, :]
                 x_offs = x_f + b[None, :, None] * x_sb
                 mask_x = mask_b[None, :, None] & mask_i[None, None, :]
-                t1, t2, t3 = _gauss_dots(tl.load(dy_offs, mask=mask_dy, other=0.0),
-                                         tl.load(dy_offs + dy_si, mask=mask_dy, other=0.0),
-                                         tl.load(x_offs, mask=mask_x, other=0.0),
-                                         -tl.load(x_offs + x_si, mask=mask_x, other=0.0), t1, t2, t3, PRECISION)
-            dg_re, dg_im = _gauss_parts(t1, t2, t3)
+                t1, t2, t3 = _complex_dots(tl.load(dy_offs, mask=mask_dy, other=0.0),
+                                           tl.load(dy_offs + dy_si, mask=mask_dy, other=0.0),
+                                           tl.load(x_offs + x_si, mask=mask_x, other=0.0),
+                                           tl.load(x_offs, mask=mask_x, other=0.0), t1, t2, t3, PRECISION)
+            q_re, q_im = _complex_parts(t1, t2, t3, PRECISION)
+            dg_re, dg_im = q_im, -q_re
         p0, p1, p2, p3, p4, p5 = _load_features(phi_re_ptr, phi_im_ptr, offs_f, offs_f < F)
         s_re, s_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS)
         de_re = tl.reshape(dg_re * s_re + dg_im * s_im, (BLOCK_O, BLOCK_I))
@@ -334,8 +365,9 @@ RANK1_MAX_BATCH = 4
 
 
 def _special_sincos(precision):
-    """The tf32 dots take the symbol's phase from the special-function unit (compiled only)."""
-    return precision == "tf32" and not INTERPRETER
+    """The tf32 and bf16 dots take the symbol's phase from the special-function unit
+    (compiled only)."""
+    return precision in ("tf32", "bf16") and not INTERPRETER
 
 
 def _pow2_between(n, low, high):
@@ -348,7 +380,7 @@ def _contract_tiles(B, rows, precision):
     batch takes BLOCK_F frequencies, one or two per warp (3D dots).
 
     Registers per thread (ptxas for sm_90, Triton 3.6; 255 at most) bound the tiles:
-    the three sums of `_gauss_dots` take 3 BLOCK_F BLOCK_R BLOCK_B floats and the
+    the three sums of `_complex_dots` take 3 BLOCK_F BLOCK_R BLOCK_B floats and the
     symbol tile (re, im, their sum) 3 BLOCK_F BLOCK_R BLOCK_K, over 32 num_warps
     threads. The programs are latency-bound (one 8-warp program of 128 rows per
     multiprocessor waits on shared memory three quarters of its cycles, Nsight
@@ -364,7 +396,7 @@ def _contract_tiles(B, rows, precision):
     block_b = _pow2_between(B, 8, 64)
     if block_b < 32:
         return dict(BLOCK_F=4, BLOCK_R=32, BLOCK_K=16, BLOCK_B=block_b, num_warps=4, num_stages=2, maxnreg=None)
-    if precision == "tf32":
+    if precision in ("tf32", "bf16"):
         return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=32, BLOCK_B=block_b, num_warps=4,
                     num_stages=2, maxnreg=None)
     return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=16, BLOCK_B=block_b, num_warps=8,
@@ -376,7 +408,7 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
     program waits at the barriers around each frequency's small dots (44% of its
     stalls, Nsight Compute), which a second program hides better than larger tiles.
     At a large batch pair tiles of 64 x 32 hold the coefficients, six gradient
-    accumulators and the three dG sums of `_gauss_dots` (with some spilling); at batch
+    accumulators and the three dG sums of `_complex_dots` (with some spilling); at batch
     64 (C = 384, H200) they took 0.364 ms on a 16x16 grid and 1.316 on 32x32, against
     0.416 and 1.531 for 64 x 32 on 8 warps with `_sincos` before. 64 x 16 tiles were
     0.464 against 0.385 ms in one process and 0.358 against 0.363 in another host's, so
@@ -423,21 +455,21 @@ def _memory_order(t):
 
 
 def _empty_like_layout(like, rows):
-    """An empty float32 spectrum of like's shape (G, F, K, B, 2) with K = rows, whose
+    """An empty spectrum of like's dtype and shape (G, F, K, B, 2) with K = rows, whose
     dimensions lie in memory in like's `_memory_order` (so the output of a product on
     a planar (B, 2, F, G, K) input is planar too, and on interleaved complex input
     interleaved)."""
     order = _memory_order(like)
     shape = list(like.shape)
     shape[2] = rows
-    out = torch.empty([shape[d] for d in order], dtype=torch.float32, device=like.device)
+    out = torch.empty([shape[d] for d in order], dtype=like.dtype, device=like.device)
     return out.permute([order.index(d) for d in range(like.dim())])
 
 
 def _contract(src, coef, phi_re, phi_im, adjoint, precision, tiles):
     """S src (adjoint=False: src (G, F, Ci, B, 2) -> (G, F, Co, B, 2)) or S^H src
-    (adjoint=True: src (G, F, Co, B, 2) -> (G, F, Ci, B, 2)); float32 (re, im) views of
-    any strides, the output in src's memory order."""
+    (adjoint=True: src (G, F, Co, B, 2) -> (G, F, Ci, B, 2)); float32 or bf16 (re, im)
+    views of any strides, the output in src's dtype and memory order."""
     G, F, inner, B, _ = src.shape
     c_out, c_in = coef.shape[2:]
     rows = c_in if adjoint else c_out
@@ -454,7 +486,7 @@ def _contract(src, coef, phi_re, phi_im, adjoint, precision, tiles):
 
 
 def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
-    """x (G, F, Ci, B, 2), dy (G, F, Co, B, 2) float32 (re, im) views -> (6, G, Co, Ci)
+    """x (G, F, Ci, B, 2), dy (G, F, Co, B, 2) float32 or bf16 (re, im) views -> (6, G, Co, Ci)
     float32 gradients of the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
     G, F, c_in, B, _ = x.shape
     c_out = dy.shape[2]
@@ -474,16 +506,17 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
 
 class _SpectralProduct(torch.autograd.Function):
     """`pde_ssm._GroupedSpectralProduct` with the symbol made in registers, on float32
-    (re, im) views (G, F, C, B, 2)."""
+    or bf16 (re, im) views (G, F, C, B, 2); bf16 spectra take the "bf16" dots."""
 
     @staticmethod
     def forward(ctx, x, a_re, a_im, phi_re, phi_im, input_precision, tiles):
         # (6, G, Co, Ci) planes; log2 e folded in so the kernels take exp2.
         coef = torch.cat([a_re * LOG2E, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()
         phi_re, phi_im = phi_re.contiguous(), phi_im.contiguous()
+        precision = "bf16" if x.dtype == torch.bfloat16 else input_precision
         ctx.save_for_backward(x, coef, phi_re, phi_im)
-        ctx.input_precision, ctx.tiles = input_precision, tiles
-        return _contract(x, coef, phi_re, phi_im, False, input_precision, tiles)
+        ctx.input_precision, ctx.tiles = precision, tiles
+        return _contract(x, coef, phi_re, phi_im, False, precision, tiles)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -512,23 +545,26 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     """Fused `pde_ssm._GroupedSpectralProduct`: y[g, f, i, b] = sum_j S[g, f, i, j] x[g, f, j, b]
     with S = exp(phi_re a_re + 1j phi_im a_im), S made tile by tile in registers.
 
-    x complex64 (G, F, Ci, B), or its float32 (re, im) view (G, F, Ci, B, 2), any
+    x complex64 (G, F, Ci, B), or a float32 or bf16 (re, im) view (G, F, Ci, B, 2), any
     strides (so planar re and im planes too); a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2),
-    phi_re (F, 4), phi_im (F, 2) float32 -> y of x's kind, (G, F, Co, B) complex64 or
-    (G, F, Co, B, 2) float32 laid out in memory like x. Differentiable in x, a_re and
-    a_im (conjugate-Wirtinger gradients, as the reference).
-    input_precision is tl.dot's mode for the complex products: "tf32" (tensor cores,
-    relative error about 1e-3), "tf32x3" (about float32, three times the tensor-core
-    work) or "ieee" (float32 FMA). tiles overrides the tile sizes chosen from the
+    phi_re (F, 4), phi_im (F, 2) float32 -> y of x's kind and dtype, (G, F, Co, B)
+    complex64 or (G, F, Co, B, 2) laid out in memory like x. Differentiable in x, a_re
+    and a_im (conjugate-Wirtinger gradients, as the reference).
+    input_precision is tl.dot's mode for the complex products of float32 spectra: "tf32"
+    (tensor cores, relative error about 1e-3), "tf32x3" (about float32, three times the
+    tensor-core work) or "ieee" (float32 FMA). A bf16 spectrum (bf16 autocast) is read
+    and written in bf16 and multiplied by the symbol rounded to bf16, in bf16 dots with
+    float32 sums (`_complex_dots`); its coefficient gradient sums exact products of the
+    bf16 spectra and gradients. tiles overrides the tile sizes chosen from the
     shapes: keys BLOCK_F, BLOCK_R, BLOCK_K, BLOCK_B of the products, BLOCK_O, BLOCK_I,
     BLOCK_B, SPLITS and RANK1 (dy x^H as rank-1 updates, no dots) of the coefficient
     gradient (powers of two; the contracted BLOCK_K, and the gradient's BLOCK_B without
     RANK1, at least 16), and Triton's num_warps, num_stages, maxnreg.
     """
     is_complex = x.dtype == torch.complex64
-    real_view = x.dtype == torch.float32 and x.dim() == 5 and x.shape[-1] == 2
+    real_view = x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 5 and x.shape[-1] == 2
     if not (is_complex or real_view) or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):
-        raise ValueError(f"spectral_product takes complex64 x (or its float32 (..., 2) view) and float32 "
+        raise ValueError(f"spectral_product takes complex64 x (or its float32 or bf16 (..., 2) view) and float32 "
                          f"coefficients and features; got x {x.dtype} of shape {tuple(x.shape)}, {a_re.dtype}, "
                          f"{a_im.dtype}, {phi_re.dtype}, {phi_im.dtype} (float64 runs the PyTorch reference in "
                          "pde_ssm.py)")

@@ -157,11 +157,49 @@ def test_planar_real_input_and_output():
 
 
 @runs_here
-@pytest.mark.parametrize("separable", [False, True])
-def test_dense_mix_takes_the_fused_product(monkeypatch, separable):
+@pytest.mark.parametrize("groups,c_out,c_in,grid_size,batch,tiles", [
+    (2, 6, 20, (3, 2), 20, SMALL_TILES),
+    (1, 20, 6, (2, 3), 5, dict(SMALL_2D_TILES, RANK1=False)),
+    (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles, rank-1 gradient updates
+])
+def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
+    # A bf16 planar spectrum (dense_mix under bf16 autocast): y and grad_x come back in bf16,
+    # made with the symbol rounded to bf16 (relative 2^-9) and rounded to bf16 themselves;
+    # the coefficient gradient sums exact products of the bf16 x and dy in float32. Against
+    # the float64 reference on the same bf16 values of x and of the cotangent.
+    H, W = grid_size
+    F = H * (W // 2 + 1)
+    a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
+    phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float64)
+    planar = torch.randn(batch, 2, F, groups, c_in, device=DEVICE).bfloat16()
+    weight = torch.randn(batch, 2, F, groups, c_out, device=DEVICE).bfloat16()
+
+    def run(x, a_re, a_im, phi_re, phi_im, w, product):
+        x, a_re, a_im = (t.detach().requires_grad_() for t in (x, a_re, a_im))
+        y = product(x.permute(3, 2, 4, 0, 1), a_re, a_im, phi_re, phi_im)       # (G, F, C, B, re/im)
+        (y.permute(3, 4, 1, 0, 2) * w).sum().backward()
+        return y.detach(), x.grad, a_re.grad, a_im.grad
+
+    def reference(x, *args):
+        return torch.view_as_real(pde_ssm._GroupedSpectralProduct.apply(
+            torch.view_as_complex(x.contiguous()), *args, 5))
+
+    expected = run(planar.double(), a_re, a_im, phi_re, phi_im, weight.double(), reference)
+    got = run(planar, a_re.float(), a_im.float(), phi_re.float(), phi_im.float(), weight,
+              lambda *args: sp.spectral_product(*args, tiles=tiles))
+    assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[0].permute(3, 4, 1, 0, 2).is_contiguous()
+    for name, out, ref, tol in zip(("y", "grad_x", "grad_a_re", "grad_a_im"), got, expected,
+                                   (8e-3, 8e-3, 2e-5, 2e-5)):
+        assert out.shape == ref.shape and torch.isfinite(out).all(), name
+        assert relative_error(out, ref) < tol, (name, relative_error(out, ref))
+
+
+@runs_here
+@pytest.mark.parametrize("separable,autocast", [(False, False), (True, False), (False, True)])
+def test_dense_mix_takes_the_fused_product(monkeypatch, separable, autocast):
     """PDESSM on a small grid takes the dense transforms with the fused product on the planar
     spectrum (forced on the CPU, where the kernels run in the interpreter) and matches the
-    float64 rfft2 path, gradients included."""
+    float64 rfft2 path, gradients included; under bf16 autocast the spectrum stays bf16."""
     calls, fused = [], sp.spectral_product
 
     def counted(*args, **kwargs):
@@ -178,8 +216,9 @@ def test_dense_mix_takes_the_fused_product(monkeypatch, separable):
     def run(dtype, device):
         net = copy.deepcopy(mixer).to(device, dtype)
         leaf = x.detach().to(device, dtype).requires_grad_()
-        out = net(leaf, (4, 5))
-        (out * weight.to(device, dtype)).sum().backward()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast and dtype == torch.float32):
+            out = net(leaf, (4, 5))
+        (out.to(dtype) * weight.to(device, dtype)).sum().backward()
         return [out.detach().cpu(), leaf.grad.cpu()] + [p.grad.cpu() for p in net.parameters()]
 
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", False)
@@ -189,8 +228,8 @@ def test_dense_mix_takes_the_fused_product(monkeypatch, separable):
         monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
         monkeypatch.setattr(pde_ssm, "FUSED_SPECTRAL_PRODUCT", True)
     got = run(torch.float32, DEVICE)
-    assert calls == [(torch.float32, 5)]
-    tol = 3e-3 if CUDA else 1e-5
+    assert calls == [(torch.bfloat16 if autocast else torch.float32, 5)]
+    tol = 3e-2 if autocast else 3e-3 if CUDA else 1e-5
     for out, ref in zip(got, expected):
         assert relative_error(out, ref) < tol
 
