@@ -72,9 +72,11 @@ DENSE_TRANSFORMS = None
 # The dense transforms as one product each way over all N tokens (False, `dft_matrices`)
 # or as one product along each grid axis (True, `dft_factors`): O(N^1.5 C) instead of
 # O(N^2 C), one more intermediate spectrum each way. None (default) takes the full
-# products on grids of at most FULL_TRANSFORM_MAX_TOKENS tokens, the separable ones above.
+# products on grids of at most FULL_TRANSFORM_MAX_TOKENS tokens, the separable ones above
+# (DiT-S training steps on an H200: the full ones faster at 16 to 256 tokens, the
+# separable ones at 1,024; BENCHMARKS.md).
 SEPARABLE_TRANSFORMS = None
-FULL_TRANSFORM_MAX_TOKENS = 1024
+FULL_TRANSFORM_MAX_TOKENS = 256
 
 TERMS = ("diffusion", "convection", "reaction")
 COUPLINGS = ("pairwise", "diagonal", "heads")
@@ -263,7 +265,7 @@ def _grouped_operands(K, b, r, tau, grid_size):
     if K.dim() == 4:
         K, b, r, tau = K[None], b[None], r[None], tau[None]
     a_re, a_im = exponent_coefficients(K, b, r, tau)
-    return (a_re, a_im) + _frequency_features(grid_size, K.device, K.dtype)
+    return (a_re, a_im) + _cached_frequency_features(tuple(grid_size), K.device, K.dtype)
 
 
 def _fused(x):
@@ -429,6 +431,14 @@ def dense_mix(u, K, b, r, tau, grid_size):
         z = N_y @ y.reshape(B, 2 * H, Wr * c_out)                             # (B, (H, re/im), Wr Co)
         return (N_x @ z.reshape(B * H, 2 * Wr, c_out)).reshape(B, N, c_out)
     return M_inv @ y
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_frequency_features(grid_size, device, dtype):
+    """`_frequency_features`, made once per grid, device and dtype (ordinary tensors even
+    under inference mode, so that a product saves them for its backward)."""
+    with torch.inference_mode(False):
+        return _frequency_features(grid_size, device, dtype)
 
 
 @functools.lru_cache(maxsize=16)

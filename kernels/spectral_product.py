@@ -359,8 +359,9 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
 #                      Tile choices, launches and autograd                      #
 #################################################################################
 
-# The coefficient gradient's batch contraction dy x^H runs as rank-1 updates on the
-# CUDA cores for batches of at most this many (see `_grad_tiles`), as dots above.
+# The coefficient gradient's batch contraction dy x^H of float32 spectra runs as rank-1
+# updates on the CUDA cores for batches of at most this many (see `_grad_tiles`), as
+# dots above; bf16 spectra take dots at every batch.
 RANK1_MAX_BATCH = 4
 
 
@@ -392,10 +393,13 @@ def _contract_tiles(B, rows, precision):
     The float32-exact modes run FMA dots, whose operands take more registers:
     64-row tiles, BLOCK_K = 16, 8 warps (about 180). At small batches 4 frequencies
     of 32 rows on 4 warps took 4.94 ms where 8 of 16 rows on 8 warps took 6.67
-    (C = 1152, batch 4, 64x64 grid)."""
+    (C = 1152, batch 4, 64x64 grid). The bf16 dots keep two sums instead of three and
+    take the same tiles, but for 8 frequencies at small batches: 3.92 against 4.16 ms
+    with 4 there (4.45 in tf32); at batch 64 the tf32 tiles were the fastest of those
+    tried (0.106 ms on 16x16, 0.329 on 32x32, against 0.122 and 0.381 in tf32)."""
     block_b = _pow2_between(B, 8, 64)
     if block_b < 32:
-        return dict(BLOCK_F=4, BLOCK_R=32, BLOCK_K=16, BLOCK_B=block_b, num_warps=4, num_stages=2, maxnreg=None)
+        return dict(BLOCK_F=8 if precision == "bf16" else 4, BLOCK_R=32, BLOCK_K=16, BLOCK_B=block_b, num_warps=4, num_stages=2, maxnreg=None)
     if precision in ("tf32", "bf16"):
         return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=32, BLOCK_B=block_b, num_warps=4,
                     num_stages=2, maxnreg=None)
@@ -403,7 +407,7 @@ def _contract_tiles(B, rows, precision):
                 num_stages=2, maxnreg=None)
 
 
-def _grad_tiles(B, c_out, c_in, groups, F, device):
+def _grad_tiles(B, c_out, c_in, groups, F, device, precision):
     """One warpgroup of 4 warps per program, two programs per multiprocessor: the
     program waits at the barriers around each frequency's small dots (44% of its
     stalls, Nsight Compute), which a second program hides better than larger tiles.
@@ -425,12 +429,28 @@ def _grad_tiles(B, c_out, c_in, groups, F, device):
     exact float32: the dots pad them to 16 columns. On an H200 at batch 4 (C = 1152,
     64x64 grid) that took 18.9 ms against 21.4 with the dots (relative error 4.8e-7
     against 8.3e-4); at batch 8 (C = 384, 32x32) 1.18 against 1.04 ms, at 16 2.25
-    against 1.00. 64 x 16 tiles on 4 warps were the fastest of those tried for it."""
+    against 1.00. 64 x 16 tiles on 4 warps were the fastest of those tried for it.
+
+    bf16 spectra (precision "bf16") keep two dG sums instead of three and load half the
+    bytes, and their dots multiply exactly, so they take no rank-1 updates; their loads
+    pipeline over stages. On an H200: at batch 64 (C = 384) 64 x 32 tiles over two
+    stages took 0.211 ms on 16x16 and 0.741 on 32x32 (one stage: 0.253 and 0.940; tf32:
+    0.395 and 1.433). At small batches 64 x 32 tiles over three stages took 13.05 ms at
+    batch 4 with C = 1152 on 64x64, against 16.25 for 64 x 16 over two and 20.1 as
+    rank-1 updates (tf32: 18.4), but 0.58 against 0.38 ms at batch 8 with C = 384 on
+    32x32: the wider tiles where they give at least four programs per multiprocessor
+    (C = 1152: 648 on 132), the narrower ones below."""
     block_b = _pow2_between(B, 16, 64)
-    rank1 = B <= RANK1_MAX_BATCH
-    block_o, block_i, stages = (64, 32, 1) if block_b >= 32 else (64, 16, 1 if rank1 else 2)
-    programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    bf16 = precision == "bf16"
+    rank1 = B <= RANK1_MAX_BATCH and not bf16
+    if block_b >= 32:
+        block_o, block_i, stages = 64, 32, 2 if bf16 else 1
+    elif bf16 and groups * triton.cdiv(c_out, 64) * triton.cdiv(c_in, 32) >= 4 * sms:
+        block_o, block_i, stages = 64, 32, 3
+    else:
+        block_o, block_i, stages = 64, 16, 1 if rank1 else 2
+    programs = groups * triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_i)
     splits = max(1, min(F, triton.cdiv(2 * sms, programs)))
     return dict(BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_B=block_b, SPLITS=splits, RANK1=rank1, num_warps=4,
                 num_stages=stages, maxnreg=None)
@@ -490,7 +510,7 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
     float32 gradients of the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
     G, F, c_in, B, _ = x.shape
     c_out = dy.shape[2]
-    defaults = _grad_tiles(B, c_out, c_in, G, F, x.device)
+    defaults = _grad_tiles(B, c_out, c_in, G, F, x.device, precision)
     rank1 = (tiles or {}).get("RANK1", defaults["RANK1"])
     cfg = _with_overrides(defaults, tiles, None if rank1 else "BLOCK_B")
     f_per_split = triton.cdiv(F, cfg.pop("SPLITS"))

@@ -160,13 +160,28 @@ def test_planar_real_input_and_output():
 @pytest.mark.parametrize("groups,c_out,c_in,grid_size,batch,tiles", [
     (2, 6, 20, (3, 2), 20, SMALL_TILES),
     (1, 20, 6, (2, 3), 5, dict(SMALL_2D_TILES, RANK1=False)),
-    (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles, rank-1 gradient updates
+    (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles
+    (1, 5, 3, (5, 3), 3, dict(RANK1=True)),   # rank-1 gradient updates on bf16 loads
 ])
 def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
-    # A bf16 planar spectrum (dense_mix under bf16 autocast): y and grad_x come back in bf16,
-    # made with the symbol rounded to bf16 (relative 2^-9) and rounded to bf16 themselves;
-    # the coefficient gradient sums exact products of the bf16 x and dy in float32. Against
-    # the float64 reference on the same bf16 values of x and of the cotangent.
+    check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles)
+
+
+@needs_cuda
+@pytest.mark.parametrize("c,grid_size,batch", [
+    (384, (32, 32), 64),    # 2D product tiles, 64 x 32 gradient tiles over two stages
+    (384, (32, 32), 8),     # 3D product tiles, 64 x 16 gradient tiles
+    (1152, (16, 16), 4),    # 64 x 32 gradient tiles over three stages
+])
+def test_bf16_model_size_on_cuda(c, grid_size, batch):
+    check_bf16_against_reference(1, c, c, grid_size, batch, None)
+
+
+def check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles):
+    """A bf16 planar spectrum (dense_mix under bf16 autocast): y and grad_x come back in bf16,
+    made with the symbol rounded to bf16 (relative 2^-9) and rounded to bf16 themselves;
+    the coefficient gradient sums exact products of the bf16 x and dy in float32. Against
+    the float64 reference on the same bf16 values of x and of the cotangent."""
     H, W = grid_size
     F = H * (W // 2 + 1)
     a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
