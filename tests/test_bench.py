@@ -46,10 +46,11 @@ def test_the_mixer_benchmark_refuses_the_no_mixer_floor(tmp_path):
     assert not (tmp_path / "mixer.json").exists()
 
 
-@pytest.mark.parametrize("benchmark,lines", [
+@pytest.mark.parametrize("table,lines", [
     ("scaling", ["attn-sdpa", "pdessm-pairwise"]),       # one token count per image size: a line per system
     ("table5", ["attn-sdpa, 8 px", "pdessm-pairwise, 8 px", "attn-sdpa, 16 px", "pdessm-pairwise, 16 px"])])
-def test_plot_lines_follow_the_token_counts(tmp_path, monkeypatch, benchmark, lines):
+def test_plot_lines_follow_the_token_counts(tmp_path, monkeypatch, table, lines):
+    # (The parameter is not named `benchmark`, the fixture of the pytest-benchmark plugin.)
     drawn = {}
 
     def plot_lines(rows, x_key, series_key, path, title, xlabel):
@@ -57,7 +58,7 @@ def test_plot_lines_follow_the_token_counts(tmp_path, monkeypatch, benchmark, li
             drawn.setdefault(row[series_key], []).append(row[x_key])
 
     monkeypatch.setattr(bench, "plot_lines", plot_lines)
-    run(tmp_path, benchmark, images=[8, 16], patches=[1, 2], grids=[2, 4], systems=["attn-sdpa", "pdessm-pairwise"])
+    run(tmp_path, table, images=[8, 16], patches=[1, 2], grids=[2, 4], systems=["attn-sdpa", "pdessm-pairwise"])
     assert list(drawn) == lines
     assert all(len(tokens) == len(set(tokens)) > 1 for tokens in drawn.values())
 
