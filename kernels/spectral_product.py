@@ -22,11 +22,11 @@ tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
                     (channel-pair tile, group, frequency split), looping over
                     frequencies; the splits' partial sums are added afterwards.
 
-Spectra are read and written as float32 (re, im) views of any strides: interleaved
-complex (torch.view_as_real) or planar, the imaginary plane an offset away from the
-real one. The real and imaginary parts of an operand tile are loaded as two
-strided tiles, and a complex matrix product A B is three real dots
-(Gauss's scheme), three quarters of the tensor-core work of the four dots
+Spectra are read and written as float32 or bf16 (re, im) views of any strides:
+interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
+away from the real one. The real and imaginary parts of an operand tile are loaded
+as two strided tiles. For float32 spectra a complex matrix product A B is three
+real dots (Gauss's scheme), three quarters of the tensor-core work of the four dots
 A_re B_re, A_im B_im, A_re B_im, A_im B_re:
 
     t1 = A_re B_re,  t2 = A_im B_im,  t3 = (A_re + A_im)(B_re + B_im),
@@ -37,7 +37,8 @@ the end. Im(A B) is then a difference of terms that can be larger than itself:
 the error stays within a small factor of that of four dots relative to the norm
 of the result (Higham, "Stability of a method for multiplying complex matrices
 with three real matrix multiplications", 1992), which tests/test_kernels.py
-bounds against the float64 reference in each dot mode.
+bounds against the float64 reference in each dot mode. bf16 spectra (bf16 autocast)
+take the four dots in bf16 with float32 sums (`_complex_dots`).
 """
 
 import math
