@@ -394,9 +394,10 @@ def dense_mix(u, K, b, r, tau, grid_size):
     at u's dtype (autocast's) and the symbol product in float32 (float64 for float64),
     but for the fused pairwise and heads product on a bf16 spectrum (bf16 autocast),
     which reads and writes it in bf16 and multiplies in bf16 dots with float32 sums,
-    as autocast runs matrix products (`_grouped_product`). The spectrum goes from one product to the next in the (B, re/im, F, C) layout,
-    which the fused product reads and writes as it is: no transposes, casts to
-    complex or complex elementwise passes. The products cost O(N^2 C) per image, or
+    as autocast runs matrix products (`_grouped_product`). The spectrum goes from one
+    product to the next in the (B, re/im, F, C) layout, which the fused product reads
+    and writes as it is: no transposes, casts to complex or complex elementwise passes
+    (nor, under bf16 autocast, casts to float32). The products cost O(N^2 C) per image, or
     O(N^1.5 C) separable, against O(N log N C) for the FFTs, but they run on the tensor
     cores in autocast's dtype; on an H200 the separable ones were faster than the FFT
     route on every grid measured, up to 256 x 256 tokens (BENCHMARKS.md).

@@ -367,7 +367,11 @@ def test_module_removed_terms_are_zero_and_frozen():
     torch.testing.assert_close(pde_evolve(h0, K, b, r, tau), expected)
 
 
-def test_module_under_bf16_autocast():
+@pytest.mark.parametrize("dense", [False, True])
+def test_module_under_bf16_autocast(monkeypatch, dense):
+    # dense: the transforms as matrix products in bf16, whose bf16 spectrum the PyTorch
+    # product (the CPU's) multiplies in float32.
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", dense)
     torch.manual_seed(0)
     m = PDESSM(32, coupling="pairwise")
     x = torch.randn(2, 8 * 8, 32)
