@@ -265,7 +265,7 @@ def _grouped_operands(K, b, r, tau, grid_size):
     if K.dim() == 4:
         K, b, r, tau = K[None], b[None], r[None], tau[None]
     a_re, a_im = exponent_coefficients(K, b, r, tau)
-    return (a_re, a_im) + _cached_frequency_features(tuple(grid_size), K.device, K.dtype)
+    return (a_re, a_im) + _once(_cached_frequency_features, tuple(grid_size), K.device, K.dtype)
 
 
 def _fused(x):
@@ -408,11 +408,11 @@ def dense_mix(u, K, b, r, tau, grid_size):
     F, C = H * Wr, C3 // 3
     separable = N > FULL_TRANSFORM_MAX_TOKENS if SEPARABLE_TRANSFORMS is None else SEPARABLE_TRANSFORMS
     if separable:
-        (M_x, M_y), (N_y, N_x) = _cached_dft_factors(tuple(grid_size), u.device, u.dtype)
+        (M_x, M_y), (N_y, N_x) = _once(_cached_dft_factors, tuple(grid_size), u.device, u.dtype)
         v = M_x @ u.reshape(B * H, 3 * W, C)                                  # (BH, (re/im, a/c, Wr), C)
         v = M_y @ v.reshape(B, 4 * H, Wr * C)                                 # (B, 2F, C)
     else:
-        M, M_inv = _cached_dft_matrices(tuple(grid_size), u.device, u.dtype)
+        M, M_inv = _once(_cached_dft_matrices, tuple(grid_size), u.device, u.dtype)
         v = M @ u.reshape(B, 3 * N, C)                                        # (B, 2F, C)
     v = v.view(B, 2, F, C)
     if K.dim() == 3:  # diagonal: each channel's spectrum times its own symbol
@@ -432,6 +432,13 @@ def dense_mix(u, K, b, r, tau, grid_size):
         z = N_y @ y.reshape(B, 2 * H, Wr * c_out)                             # (B, (H, re/im), Wr Co)
         return (N_x @ z.reshape(B * H, 2 * Wr, c_out)).reshape(B, N, c_out)
     return M_inv @ y
+
+
+def _once(cached, *args):
+    """cached(*args) for an lru_cache of a pure function below. Under torch.compile its
+    wrapped function instead, which dynamo traces into the graph (it would skip the
+    cache anyway, with a warning)."""
+    return cached.__wrapped__(*args) if torch.compiler.is_compiling() else cached(*args)
 
 
 @functools.lru_cache(maxsize=16)
