@@ -541,7 +541,7 @@ class _SpectralProduct(torch.autograd.Function):
         phi_re, phi_im = phi_re.contiguous(), phi_im.contiguous()
         precision = "bf16" if x.dtype == torch.bfloat16 else input_precision
         ctx.save_for_backward(x, coef, phi_re, phi_im)
-        ctx.input_precision, ctx.tiles = precision, tiles
+        ctx.precision, ctx.tiles = precision, tiles
         return _contract(x, coef, phi_re, phi_im, False, precision, tiles)
 
     @staticmethod
@@ -550,10 +550,10 @@ class _SpectralProduct(torch.autograd.Function):
         grad_x = grad_re = grad_im = None
         if ctx.needs_input_grad[0]:
             # S^H reads grad_y in any memory order and writes in grad_y's; x's gradient goes back in x's.
-            grad_x = _contract(grad_y, coef, phi_re, phi_im, True, ctx.input_precision, ctx.tiles)
+            grad_x = _contract(grad_y, coef, phi_re, phi_im, True, ctx.precision, ctx.tiles)
             grad_x = _reorder_like(grad_x, x)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad = _grad_coefficients(x, grad_y, coef, phi_re, phi_im, ctx.input_precision, ctx.tiles)
+            grad = _grad_coefficients(x, grad_y, coef, phi_re, phi_im, ctx.precision, ctx.tiles)
             grad_re, grad_im = grad[:4].permute(1, 2, 3, 0), grad[4:].permute(1, 2, 3, 0)
         return grad_x, grad_re, grad_im, None, None, None, None
 
