@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 # Triton's interpreter (TRITON_INTERPRET=1, read when Triton starts) runs the kernels
 # in NumPy, which has no special-function unit: there the tf32 mode keeps the polynomial.
@@ -104,8 +104,8 @@ def _sincos_special(theta):
 
 @triton.jit
 def _load_coefficients(coef_ptr, plane_stride, offs, mask):
-    """The six exponent-coefficient planes (4 real, scaled by log2 e, then 2 imaginary)
-    at the 2D tile offsets offs; masked pairs get 0 (a finite symbol, 1)."""
+    """The six exponent-coefficient planes (a_re's 4, then a_im's 2) at the 2D tile
+    offsets offs; masked pairs get 0 (a finite symbol, 1)."""
     c0 = tl.load(coef_ptr + offs, mask=mask, other=0.0)
     c1 = tl.load(coef_ptr + plane_stride + offs, mask=mask, other=0.0)
     c2 = tl.load(coef_ptr + 2 * plane_stride + offs, mask=mask, other=0.0)
@@ -129,9 +129,11 @@ def _load_features(phi_re_ptr, phi_im_ptr, offs_f, mask_f):
 
 @triton.jit
 def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS: tl.constexpr):
-    """S = 2^(sum_k c_k p_k, k < 4) e^(1j (c4 p4 + c5 p5)) (Eq. 10 with log2 e folded into
-    the real coefficients): (R, K) coefficient tiles, (F, 1, 1) features -> (F, R, K) re, im.
-    The phase's sin and cos from `_sincos_special` or, for the float32-exact modes, `_sincos`."""
+    """S = exp(sum_k c_k p_k, k < 4) e^(1j (c4 p4 + c5 p5)) (Eq. 10), the magnitude as exp2
+    of features scaled by log2 e: (R, K) coefficient tiles, (F, 1, 1) features -> (F, R, K)
+    re, im. The phase's sin and cos from `_sincos_special` or, for the float32-exact
+    modes, `_sincos`."""
+    p0, p1, p2, p3 = p0 * _LOG2E, p1 * _LOG2E, p2 * _LOG2E, p3 * _LOG2E
     log2_mag = c0[None, :, :] * p0 + c1[None, :, :] * p1 + c2[None, :, :] * p2 + c3[None, :, :] * p3
     theta = c4[None, :, :] * p4 + c5[None, :, :] * p5
     mag = tl.exp2(log2_mag)
@@ -513,7 +515,7 @@ def _contract(src, coef, phi_re, phi_im, adjoint, precision, tiles):
 
 def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
     """x (G, F, Ci, B, 2), dy (G, F, Co, B, 2) float32 or bf16 (re, im) views -> (6, G, Co, Ci)
-    float32 gradients of the coefficient planes (unscaled: d/d a_re, then d/d a_im)."""
+    float32 gradients of the coefficient planes (d/d a_re, then d/d a_im)."""
     G, F, c_in, B, _ = x.shape
     c_out = dy.shape[2]
     defaults = _grad_tiles(B, c_out, c_in, G, F, x.device, precision)
@@ -530,32 +532,73 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
     return partial.sum(0)
 
 
-class _SpectralProduct(torch.autograd.Function):
-    """`pde_ssm._GroupedSpectralProduct` with the symbol made in registers, on float32
-    or bf16 (re, im) views (G, F, C, B, 2); bf16 spectra take the "bf16" dots."""
+def _tiles_key(tiles):
+    """tiles (a dict of ints and bools, or None) as the string the custom operators take."""
+    return ",".join(f"{name}={int(value)}" for name, value in sorted((tiles or {}).items()))
 
-    @staticmethod
-    def forward(ctx, x, a_re, a_im, phi_re, phi_im, input_precision, tiles):
-        # (6, G, Co, Ci) planes; log2 e folded in so the kernels take exp2.
-        coef = torch.cat([a_re * LOG2E, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()
-        phi_re, phi_im = phi_re.contiguous(), phi_im.contiguous()
-        precision = "bf16" if x.dtype == torch.bfloat16 else input_precision
-        ctx.save_for_backward(x, coef, phi_re, phi_im)
-        ctx.precision, ctx.tiles = precision, tiles
-        return _contract(x, coef, phi_re, phi_im, False, precision, tiles)
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, coef, phi_re, phi_im = ctx.saved_tensors
-        grad_x = grad_re = grad_im = None
-        if ctx.needs_input_grad[0]:
-            # S^H reads grad_y in any memory order and writes in grad_y's; x's gradient goes back in x's.
-            grad_x = _contract(grad_y, coef, phi_re, phi_im, True, ctx.precision, ctx.tiles)
-            grad_x = _reorder_like(grad_x, x)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad = _grad_coefficients(x, grad_y, coef, phi_re, phi_im, ctx.precision, ctx.tiles)
-            grad_re, grad_im = grad[:4].permute(1, 2, 3, 0), grad[4:].permute(1, 2, 3, 0)
-        return grad_x, grad_re, grad_im, None, None, None, None
+def _tiles_from_key(key):
+    return {name: int(value) for name, value in (item.split("=") for item in key.split(",") if item)} or None
+
+
+# The launches as custom operators, so that torch.compile (fullgraph too) and AOTAutograd
+# take each one as a single opaque node and compile the work around them. Spectra are
+# (G, F, C, B, 2) float32 or bf16 views, coef the (6, G, Co, Ci) planes of a_re and a_im.
+
+@torch.library.custom_op("pdessm::spectral_product", mutates_args=())
+def _product_op(x: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor, phi_im: torch.Tensor,
+                precision: str, tiles: str) -> torch.Tensor:
+    """y = S x, in x's dtype and memory order."""
+    return _contract(x, coef, phi_re, phi_im, False, precision, _tiles_from_key(tiles))
+
+
+@torch.library.custom_op("pdessm::spectral_product_adjoint", mutates_args=())
+def _adjoint_op(dy: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor, phi_im: torch.Tensor,
+                precision: str, tiles: str) -> torch.Tensor:
+    """S^H dy, in dy's dtype and memory order."""
+    return _contract(dy, coef, phi_re, phi_im, True, precision, _tiles_from_key(tiles))
+
+
+@torch.library.custom_op("pdessm::spectral_product_coefficient_grad", mutates_args=())
+def _coefficient_grad_op(x: torch.Tensor, dy: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor,
+                         phi_im: torch.Tensor, precision: str, tiles: str) -> torch.Tensor:
+    """The (6, G, Co, Ci) float32 gradient of the coefficient planes."""
+    return _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, _tiles_from_key(tiles))
+
+
+@_product_op.register_fake
+def _(x, coef, phi_re, phi_im, precision, tiles):
+    return _empty_like_layout(x, coef.shape[2])
+
+
+@_adjoint_op.register_fake
+def _(dy, coef, phi_re, phi_im, precision, tiles):
+    return _empty_like_layout(dy, coef.shape[3])
+
+
+@_coefficient_grad_op.register_fake
+def _(x, dy, coef, phi_re, phi_im, precision, tiles):
+    return coef.new_empty(coef.shape, dtype=torch.float32)
+
+
+def _product_setup_context(ctx, inputs, output):
+    x, coef, phi_re, phi_im, precision, tiles = inputs
+    ctx.save_for_backward(x, coef, phi_re, phi_im)
+    ctx.precision, ctx.tiles = precision, tiles
+
+
+def _product_backward(ctx, grad_y):
+    x, coef, phi_re, phi_im = ctx.saved_tensors
+    grad_x = grad_coef = None
+    if ctx.needs_input_grad[0]:
+        # S^H reads grad_y in any memory order and writes in grad_y's; x's gradient goes back in x's.
+        grad_x = _reorder_like(_adjoint_op(grad_y, coef, phi_re, phi_im, ctx.precision, ctx.tiles), x)
+    if ctx.needs_input_grad[1]:
+        grad_coef = _coefficient_grad_op(x, grad_y, coef, phi_re, phi_im, ctx.precision, ctx.tiles)
+    return grad_x, grad_coef, None, None, None, None
+
+
+_product_op.register_autograd(_product_backward, setup_context=_product_setup_context)
 
 
 def _reorder_like(t, like):
@@ -565,8 +608,6 @@ def _reorder_like(t, like):
     return _empty_like_layout(like, t.shape[2]).copy_(t)
 
 
-# torch.compile runs the kernels as they are, between its graphs.
-@torch.compiler.disable
 def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tiles=None):
     """Fused `pde_ssm._GroupedSpectralProduct`: y[g, f, i, b] = sum_j S[g, f, i, j] x[g, f, j, b]
     with S = exp(phi_re a_re + 1j phi_im a_im), S made tile by tile in registers.
@@ -598,8 +639,8 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     c_out = a_re.shape[1]
     assert [t.shape for t in (a_re, a_im, phi_re, phi_im)] == [(G, c_out, c_in, 4), (G, c_out, c_in, 2), (F, 4),
                                                                (F, 2)]
-    if real_view:
-        return _SpectralProduct.apply(x, a_re, a_im, phi_re, phi_im, input_precision, tiles)
-    y = _SpectralProduct.apply(torch.view_as_real(x.resolve_conj()), a_re, a_im, phi_re, phi_im, input_precision,
-                               tiles)
-    return torch.view_as_complex(y)
+    planes = torch.cat([a_re, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()      # (6, G, Co, Ci)
+    view = x if real_view else torch.view_as_real(x.resolve_conj())
+    precision = "bf16" if view.dtype == torch.bfloat16 else input_precision
+    y = _product_op(view, planes, phi_re.contiguous(), phi_im.contiguous(), precision, _tiles_key(tiles))
+    return y if real_view else torch.view_as_complex(y)

@@ -112,6 +112,15 @@ def test_model_tables_replay_cuda_graphs(tmp_path):
         assert all(isinstance(row["seconds"], float) and row["seconds"] > 0 for row in rows)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_compiled_model_tables_replay_cuda_graphs(tmp_path):
+    # torch.compile's graphs (the fused product's launches among them) captured into the step's CUDA graph.
+    systems = ["attn-sdpa", "pdessm-pairwise"]
+    rows = run(tmp_path, "table5", device="cuda", cuda_graph=True, compile=True, systems=systems)
+    assert [row["system"] for row in rows] == systems
+    assert all(isinstance(row["seconds"], float) and row["seconds"] > 0 for row in rows)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak CUDA memory needs a CUDA GPU")
 def test_cuda_graph_cells_report_the_peak_of_their_own_step(tmp_path):
     # A replayed graph allocates nothing: its activations show only while it is captured, after the

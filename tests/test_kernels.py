@@ -167,6 +167,42 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
     check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles)
 
 
+@runs_here
+@pytest.mark.parametrize("bf16", [False, True])
+def test_custom_operators(bf16):
+    # Schema, fake (meta) outputs of the kernels' shapes, dtypes and strides, autograd
+    # registration and AOTAutograd tracing, on a planar spectrum as dense_mix hands it.
+    groups, c_out, c_in, grid_size, batch = 2, 5, 3, (3, 4), 3
+    F = grid_size[0] * (grid_size[1] // 2 + 1)
+    a_re, a_im = (t.float() for t in coefficients(groups, c_out, c_in, DEVICE))
+    coef = torch.cat([a_re, a_im], dim=-1).permute(3, 0, 1, 2).contiguous().requires_grad_()
+    phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x = torch.randn(batch, 2, F, groups, c_in, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
+    dy = torch.randn(batch, 2, F, groups, c_out, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
+    precision = "bf16" if bf16 else "ieee"
+    tiles = sp._tiles_key(SMALL_TILES)
+    for op, args in [(sp._product_op, (x.requires_grad_(), coef, phi_re, phi_im, precision, tiles)),
+                     (sp._adjoint_op, (dy, coef.detach(), phi_re, phi_im, precision, tiles)),
+                     (sp._coefficient_grad_op, (x.detach(), dy, coef.detach(), phi_re, phi_im, precision, tiles))]:
+        torch.library.opcheck(op, args)
+
+
+@runs_here
+def test_torch_compile_fullgraph():
+    # The fused product traces into one graph (the launches as custom operators) and the
+    # compiled values and gradients still match the float64 reference, on the planar layout.
+    torch._dynamo.reset()
+    compiled = torch.compile(sp.spectral_product, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+
+    def planar_product(x, *args, **options):
+        planar = torch.view_as_real(x).permute(3, 4, 1, 0, 2).contiguous().permute(3, 2, 4, 0, 1)
+        return torch.view_as_complex(compiled(planar, *args, **options).contiguous())
+
+    check_against_reference(2, 3, 5, (2, 3), 3, 2e-5, product=planar_product, tiles=SMALL_TILES,
+                            input_precision="ieee")
+
+
 @needs_cuda
 @pytest.mark.parametrize("c,grid_size,batch", [
     (384, (32, 32), 64),    # 2D product tiles, 64 x 32 gradient tiles over two stages

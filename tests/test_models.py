@@ -303,6 +303,26 @@ def test_torch_compile_fullgraph(mixer):
         torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused product and inductor's GPU code need CUDA")
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_torch_compile_fullgraph_on_cuda(mixer):
+    # On CUDA PDE-SSM takes the dense transforms and the fused product, whose launches are
+    # custom operators: the model, backward included, compiles into one graph with inductor
+    # and matches eager mode.
+    torch._dynamo.reset()
+    model = perturb_zero_init(tiny_dit(mixer)).cuda().eval()     # eval: no random label dropout
+    x, t, y = (v.cuda() for v in inputs())
+    compiled = torch.compile(model, fullgraph=True)
+    results = []
+    for net in (model, compiled):
+        model.zero_grad()
+        out = net(x, t, y)
+        out.square().mean().backward()
+        results.append([out.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+
+
 def test_torch_compile_fullgraph_with_dense_transforms(monkeypatch):
     # The dense transforms, which PDE-SSM takes on small grids on CUDA, trace into one graph too
     # (here with the PyTorch product; on CUDA the fused kernel runs between graphs).
