@@ -260,13 +260,14 @@ def test_cuda_graph_needs_one_cuda_process(tmp_path, npz_data):
 @pytest.mark.parametrize("model,clip,compile", [("DiT-T/4", "0", False), ("PDESSM-DiT-T/4", "0.05", False),
                                                 ("PDESSM-DiT-T/4", "0.05", True)])
 def test_cuda_graph_training_follows_the_eager_run(tmp_path, npz_data, model, clip, compile):
-    """8 steps, the last 5 replayed from one CUDA graph (of the torch.compile'd model with compile),
-    against 8 eager steps from the same seed: the same losses at every step (the graph's random draws
-    follow the per-step seeds) and the same weights, up to float rounding, with and without gradient
-    clipping; then a graph run resumed from its step-3 checkpoint ends at the same weights."""
-    flags = ["--max-steps", "8", "--model", model, "--max-grad-norm", clip]
+    """8 steps, the last 5 replayed from one CUDA graph, against 8 steps without the graph from the same
+    seed (both of the torch.compile'd model with compile): the same losses at every step (the graph's
+    random draws follow the per-step seeds) and the same weights, up to float rounding, with and without
+    gradient clipping; then a graph run resumed from its step-3 checkpoint ends at the same weights.
+    (A compiled run ends farther from an uncompiled one than rounding: AdamW turns inductor's different
+    rounding of the near-zero early gradients of the zero-initialized adaLN layers into full steps.)"""
+    flags = ["--max-steps", "8", "--model", model, "--max-grad-norm", clip] + (["--compile"] if compile else [])
     eager = run(tmp_path / "eager", *flags, data=npz_data)
-    flags += ["--compile"] if compile else []
     graph = run(tmp_path / "graph", *flags, "--cuda-graph", data=npz_data)
     want, got = step_losses(eager), step_losses(graph)
     assert sorted(got) == list(range(1, 9))
