@@ -68,13 +68,19 @@ class CUDAGraphStep:
     Python branches) and use optimizers built with capturable=True and autocast with cache_enabled=False.
     """
 
+    # The side stream of the warm-up calls and the capture, one for all instances: cuBLAS keeps a
+    # workspace for every stream it has run on, so a new stream per call or per step would add one each time.
+    side_stream = None
+
     def __init__(self, step, warmup=3):
         self.step, self.warmup, self.graph, self.calls = step, warmup, None, 0
+        if CUDAGraphStep.side_stream is None:
+            CUDAGraphStep.side_stream = torch.cuda.Stream()
 
     def __call__(self, *inputs):
+        side = CUDAGraphStep.side_stream
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
-            side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 out = self.step(*inputs)
@@ -83,7 +89,7 @@ class CUDAGraphStep:
         if self.graph is None:
             self.static_inputs = [x.clone() for x in inputs]
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):
                 self.static_out = self.step(*self.static_inputs)
         for static, x in zip(self.static_inputs, inputs):
             if static.shape != x.shape:
