@@ -533,8 +533,9 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
 
 
 def _tiles_key(tiles):
-    """tiles (a dict of ints and bools, or None) as the string the custom operators take."""
-    return ",".join(f"{name}={int(value)}" for name, value in sorted((tiles or {}).items()))
+    """tiles (a dict of ints and bools, or None) as the string the custom operators take;
+    an entry of None keeps the default."""
+    return ",".join(f"{name}={int(value)}" for name, value in sorted((tiles or {}).items()) if value is not None)
 
 
 def _tiles_from_key(key):

@@ -188,6 +188,15 @@ def test_custom_operators(bf16):
         torch.library.opcheck(op, args)
 
 
+def test_tiles_pass_through_the_operators_as_strings():
+    # The custom operators take no dicts: the overrides travel as a string and come back as ints
+    # (RANK1's bool as 1); None keeps a default, and no overrides at all is None.
+    key = sp._tiles_key(dict(BLOCK_F=2, RANK1=True, num_warps=4, maxnreg=None))
+    assert key == "BLOCK_F=2,RANK1=1,num_warps=4"
+    assert sp._tiles_from_key(key) == dict(BLOCK_F=2, RANK1=1, num_warps=4)
+    assert sp._tiles_key(None) == "" and sp._tiles_from_key("") is None
+
+
 @runs_here
 def test_torch_compile_fullgraph():
     # The fused product traces into one graph (the launches as custom operators) and the

@@ -325,7 +325,7 @@ def test_torch_compile_fullgraph_on_cuda(mixer):
 
 def test_torch_compile_fullgraph_with_dense_transforms(monkeypatch):
     # The dense transforms, which PDE-SSM takes on small grids on CUDA, trace into one graph too
-    # (here with the PyTorch product; on CUDA the fused kernel runs between graphs).
+    # (here with the PyTorch product; on CUDA with the fused one, test_torch_compile_fullgraph_on_cuda).
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
     test_torch_compile_fullgraph("pdessm")
 
