@@ -532,6 +532,11 @@ def _grad_coefficients(x, dy, coef, phi_re, phi_im, precision, tiles):
     return partial.sum(0)
 
 
+def _coefficient_planes(a_re, a_im):
+    """a_re (G, Co, Ci, 4), a_im (G, Co, Ci, 2) -> the (6, G, Co, Ci) planes the kernels read."""
+    return torch.cat([a_re, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()
+
+
 def _tiles_key(tiles):
     """tiles (a dict of ints and bools, or None) as the string the custom operators take;
     an entry of None keeps the default."""
@@ -640,7 +645,7 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     c_out = a_re.shape[1]
     assert [t.shape for t in (a_re, a_im, phi_re, phi_im)] == [(G, c_out, c_in, 4), (G, c_out, c_in, 2), (F, 4),
                                                                (F, 2)]
-    planes = torch.cat([a_re, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()      # (6, G, Co, Ci)
+    planes = _coefficient_planes(a_re, a_im)
     view = x if real_view else torch.view_as_real(x.resolve_conj())
     precision = "bf16" if view.dtype == torch.bfloat16 else input_precision
     y = _product_op(view, planes, phi_re.contiguous(), phi_im.contiguous(), precision, _tiles_key(tiles))

@@ -175,7 +175,7 @@ def test_custom_operators(bf16):
     groups, c_out, c_in, grid_size, batch = 2, 5, 3, (3, 4), 3
     F = grid_size[0] * (grid_size[1] // 2 + 1)
     a_re, a_im = (t.float() for t in coefficients(groups, c_out, c_in, DEVICE))
-    coef = torch.cat([a_re, a_im], dim=-1).permute(3, 0, 1, 2).contiguous().requires_grad_()
+    coef = sp._coefficient_planes(a_re, a_im).requires_grad_()
     phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float32)
     dtype = torch.bfloat16 if bf16 else torch.float32
     x = torch.randn(batch, 2, F, groups, c_in, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
