@@ -159,14 +159,17 @@ class NoMixer(torch.nn.Module):
         return x
 
 
-def build_system(size, patch, image_size, system, device, num_classes=10, channels=3, compile=False):
-    """A DiT-<size>/<patch> with the mixer of `system`, in pixel space, on device."""
+def build_system(size, patch, image_size, system, device, num_classes=10, channels=3, compile=False,
+                 grad_checkpoint=False):
+    """A DiT-<size>/<patch> with the mixer of `system`, in pixel space, on device; grad_checkpoint
+    recomputes every block's activations in the backward (train.py --grad-checkpoint)."""
     options = dict(SYSTEMS[system])
     naive, no_mixer = options.pop("naive", False), options.pop("no_mixer", False)
     if options.get("pdessm_coupling") == "heads":
         options["pdessm_heads"] = {"T": 4, "S": 6, "B": 12, "L": 16, "XL": 16}[size]
     model = build_model(f"DiT-{size}/{patch}", input_size=image_size, in_channels=channels,
-                        num_classes=num_classes, learn_sigma=False, **options).to(device)
+                        num_classes=num_classes, learn_sigma=False, grad_checkpoint=grad_checkpoint,
+                        **options).to(device)
     for block in model.blocks:
         if naive:
             block.attn.naive = True
@@ -237,7 +240,8 @@ def bench_models(args, device, cells, make_step, name, title):
         for system in args.systems:
             start_cell(device)
             try:
-                model, params = build_system(size, patch, image_size, system, device, compile=args.compile)
+                model, params = build_system(size, patch, image_size, system, device, compile=args.compile,
+                                             grad_checkpoint=args.grad_checkpoint)
                 step = make_step(model, args.batch, image_size, device, cuda_graph=args.cuda_graph)
                 t, mem = measure(step, device, args.warmup, args.repeats, args.budget)
             except torch.OutOfMemoryError:
@@ -496,6 +500,9 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="model tables: torch.compile every model (inductor fuses the elementwise work; "
                              "with --cuda-graph the compiled step is captured)")
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="training tables (table5, scaling): recompute every block's activations in the "
+                             "backward (train.py --grad-checkpoint), trading a second forward for memory")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="model tables: replay every step as one CUDA graph (train.py --cuda-graph), "
                              "which removes the kernel-launch overhead of small models")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench
+import models
 
 
 def run(tmp_path, benchmark, **overrides):
@@ -26,6 +27,21 @@ def test_mixer_and_table5_smoke(tmp_path):
         assert (tmp_path / f"{benchmark}.png").stat().st_size > 0
     params = {row["system"]: float(row["params_M"]) for row in rows}
     assert params["no-mixer"] < params["attn-sdpa"] == params["attn-naive"] < params["pdessm-pairwise"]
+
+
+def test_grad_checkpoint_recomputes_every_block(tmp_path, monkeypatch):
+    # --grad-checkpoint reaches the models: each training step runs every block of every system
+    # through torch.utils.checkpoint, and without the flag none.
+    calls = []
+    checkpoint = models.checkpoint
+    monkeypatch.setattr(models, "checkpoint", lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    systems = ["attn-sdpa", "pdessm-pairwise"]
+    run(tmp_path, "table5", systems=systems)
+    assert calls == []
+    rows = run(tmp_path, "table5", systems=systems, grad_checkpoint=True)
+    depth = len(bench.build_system("T", 2, 8, "attn-sdpa", torch.device("cpu"))[0].blocks)
+    assert [row["system"] for row in rows] == systems
+    assert len(calls) == len(systems) * depth * 2      # warm-up and one repeat, per system
 
 
 def test_no_mixer_takes_out_exactly_the_attention():
