@@ -286,7 +286,7 @@ def _grouped_product(x, a_re, a_im, phi_re, phi_im, width, chunk_elements=None):
         return _grouped_product(x.float(), a_re, a_im, phi_re, phi_im, width, chunk_elements).to(x.dtype)
     if _fused(x):
         from kernels.spectral_product import spectral_product  # imports Triton only when used
-        return spectral_product(x, a_re, a_im, phi_re, phi_im)
+        return spectral_product(x, a_re, a_im, phi_re, phi_im, width=width)
     real_view = not x.is_complex()
     if real_view:
         x = torch.view_as_complex(x.contiguous())

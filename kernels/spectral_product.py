@@ -22,6 +22,11 @@ tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
                     (channel-pair tile, group, frequency split), looping over
                     frequencies; the splits' partial sums are added afterwards.
 
+At small batches the products are bound by the special functions that make S (exp2,
+sin, cos per entry). On the rows of the rfft2 grid the exponent is quadratic in the
+column, so `_row_contract_kernel` makes S exactly at a program's first column and
+steps it along the row: the log magnitude by its differences, the phase by a rotation.
+
 Spectra are read and written as float32 or bf16 (re, im) views of any strides:
 interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
 away from the real one. The real and imaginary parts of an operand tile are loaded
@@ -148,8 +153,10 @@ def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS: tl.c
 def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b for (F, M, K) a and (F, K, N) b. Triton's 3D dot spreads the warps
     over F only, which suits F >= num_warps; F = 1 and F = 2 run as 2D dots, whose
-    warps tile M and N (and take Hopper's warpgroup MMA)."""
-    if a.shape[0] == 1:
+    warps tile M and N (and take Hopper's warpgroup MMA). 2D a and b: one 2D dot."""
+    if len(a.shape) == 2:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    elif a.shape[0] == 1:
         acc2 = tl.dot(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
                       tl.reshape(acc, (acc.shape[1], acc.shape[2])), input_precision=PRECISION)
         return tl.reshape(acc2, (1, acc.shape[1], acc.shape[2]))
@@ -165,13 +172,15 @@ def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _complex_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr):
+def _complex_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr, NEGATE_B: tl.constexpr = False):
     """One step of the complex product sum A B, batched as `_batched_dot`. In the
     float32 modes Gauss's three real dots (module docstring): t1 += a_re b_re,
     t2 += a_im b_im, t3 += (a_re + a_im)(b_re + b_im). In "bf16" the four real dots on
     bf16 operands with float32 sums, t1 += a_re b_re - a_im b_im, t2 += a_re b_im +
     a_im b_re (t3 unused): a bf16 sum a_re + a_im would be rounded, and four bf16 dots
-    take two thirds of the tensor-core time of Gauss's three in tf32.
+    take two thirds of the tensor-core time of Gauss's three in tf32. NEGATE_B puts the
+    minus sign of a_im b_im on b_im (for a small b against an a that reaches the dots
+    through shared memory, where a negated copy of a_im costs a round trip of its own).
     `_complex_parts` makes Re and Im of the sum of the steps."""
     if PRECISION == "bf16":
         a_re, a_im = a_re.to(tl.bfloat16), a_im.to(tl.bfloat16)
@@ -180,7 +189,10 @@ def _complex_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr):
             a_re, a_im = a_re.to(tl.float32), a_im.to(tl.float32)
             b_re, b_im = b_re.to(tl.float32), b_im.to(tl.float32)
         t1 = _batched_dot(a_re, b_re, t1, "ieee")
-        t1 = _batched_dot(-a_im, b_im, t1, "ieee")
+        if NEGATE_B:
+            t1 = _batched_dot(a_im, -b_im, t1, "ieee")
+        else:
+            t1 = _batched_dot(-a_im, b_im, t1, "ieee")
         t2 = _batched_dot(a_re, b_im, t2, "ieee")
         t2 = _batched_dot(a_im, b_re, t2, "ieee")
     else:
@@ -209,6 +221,78 @@ def _complex_parts(t1, t2, t3, PRECISION: tl.constexpr):
     if PRECISION == "bf16":
         return t1, t2
     return t1 - t2, t3 - t1 - t2
+
+
+@triton.jit
+def _magnitude_features(phi_re_ptr, f, F):
+    """phi_re[f] scaled by log2 e, as four scalars (0 past F)."""
+    p0 = tl.load(phi_re_ptr + 4 * f, mask=f < F, other=0.0) * _LOG2E
+    p1 = tl.load(phi_re_ptr + 4 * f + 1, mask=f < F, other=0.0) * _LOG2E
+    p2 = tl.load(phi_re_ptr + 4 * f + 2, mask=f < F, other=0.0) * _LOG2E
+    p3 = tl.load(phi_re_ptr + 4 * f + 3, mask=f < F, other=0.0) * _LOG2E
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _phase_features(phi_im_ptr, f, F, ADJOINT: tl.constexpr):
+    """phi_im[f], negated for the adjoint, as two scalars (0 past F)."""
+    p4 = tl.load(phi_im_ptr + 2 * f, mask=f < F, other=0.0)
+    p5 = tl.load(phi_im_ptr + 2 * f + 1, mask=f < F, other=0.0)
+    if ADJOINT:
+        p4, p5 = -p4, -p5
+    return p4, p5
+
+
+@triton.jit
+def _rotation(theta, SPECIAL_SINCOS: tl.constexpr):
+    """(cos theta, sin theta) by `_sincos_special` or `_sincos`."""
+    if SPECIAL_SINCOS:
+        sin, cos = _sincos_special(theta)
+    else:
+        sin, cos = _sincos(theta)
+    return cos, sin
+
+
+@triton.jit
+def _column_product(log2_mag, w_re, w_im, x_ptrs, mask, in_si, PRECISION: tl.constexpr):
+    """One grid column's share of a contracted tile: the symbol exp2(log2_mag) (w_re + 1j w_im),
+    (R, K), times the (K, B) spectrum tile at x_ptrs -> the sums t1, t2, t3 of `_complex_dots`.
+    A column past its row has its spectrum masked to 0 (and its symbol may overflow there:
+    its sums, which are never stored, may be nan)."""
+    mag = tl.exp2(log2_mag)
+    t1, t2, t3 = _complex_sums((log2_mag.shape[0], x_ptrs.shape[1]), PRECISION)
+    return _complex_dots(mag * w_re, mag * w_im, tl.load(x_ptrs, mask=mask, other=0.0),
+                         tl.load(x_ptrs + in_si, mask=mask, other=0.0), t1, t2, t3, PRECISION, True)
+
+
+@triton.jit
+def _next_column(log2_mag, step, curve, w_re, w_im, rot_re, rot_im):
+    """The symbol's state one grid column on: the log2 magnitude by its differences, the
+    phase factor by one rotation."""
+    return log2_mag + step, step + curve, w_re * rot_re - w_im * rot_im, w_re * rot_im + w_im * rot_re
+
+
+@triton.jit
+def _lane_tree(z0, z1, z2, z3):
+    """Four (R, B) tiles as one (R, B, 2, 2) tile whose row-major lane 2a + b holds
+    z_(2a + b). Each join adds a minor axis that every thread holds: no data moves."""
+    return tl.join(tl.join(z0, z2), tl.join(z1, z3))
+
+
+@triton.jit
+def _lane_sums(BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr):
+    """Zeroed sums t1, t2, t3 of `_complex_dots` for LANES (4 or 8) columns of (R, B) results,
+    laid out as `_lane_tree` joins them (t3 a placeholder in "bf16")."""
+    z = tl.zeros((BLOCK_R, BLOCK_B), dtype=tl.float32)
+    t = _lane_tree(z, z, z, z)
+    if LANES == 8:
+        t = tl.join(t, t)
+    if PRECISION == "bf16":
+        t3 = tl.zeros((1, 1, 1), dtype=tl.float32)
+    else:
+        t3 = t
+    return t, t, t3
+
 
 
 #################################################################################
@@ -267,6 +351,105 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
     tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2) * out_si,
              tl.join(y_re, y_im).to(out_ptr.dtype.element_ty), mask=mask[:, :, :, None])
+
+
+@triton.jit
+def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
+                         F, B, ROWS, INNER, ROW,
+                         in_sg, in_sf, in_sk, in_sb, in_si, out_sg, out_sf, out_sr, out_sb, out_si,
+                         coef_s6, coef_sg, coef_sr, coef_sk,
+                         ADJOINT: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
+                         LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_B: tl.constexpr):
+    """`_contract_kernel` with the symbol stepped along the rows of the rfft2 grid, ROW
+    frequencies a row, along which phi_re is quadratic and phi_im linear in the column.
+    A program takes LANES (4 or 8) consecutive columns of one row. For each contracted
+    tile it makes the symbol exactly at the first column and steps it to the next ones:
+    the log2 magnitude by its first and second differences, the phase factor by one
+    complex rotation. The first column costs five special functions per entry (exp2,
+    sin and cos, and the rotation's), the others one (exp2): 1.5 per entry over 8
+    columns instead of the three that bound `_contract_kernel` at small batches. Each
+    column's symbol feeds its own 2D dot (through shared memory: Triton does not make a
+    value that several dots use in their operand layout), and the columns' sums ride
+    along as one tile with minor lane axes (`_lane_tree`). Columns past the row's end
+    are masked (a branch around their work was slower)."""
+    pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b_tiles = tl.cdiv(B, BLOCK_B)
+    g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
+    col_tiles = tl.cdiv(ROW, LANES)
+    col0 = (pid_f % col_tiles) * LANES
+    f0 = (pid_f // col_tiles) * ROW + col0
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_r, mask_b = offs_r < ROWS, offs_b < B
+
+    coef_ptr += g * coef_sg
+    x_ptrs = (in_ptr + g.to(tl.int64) * in_sg + f0.to(tl.int64) * in_sf + offs_k[:, None] * in_sk
+              + offs_b.to(tl.int64)[None, :] * in_sb)
+    cols = ROW - col0      # columns of this row from col0 on; the lanes past them are masked
+    # The features at the first column, their first differences and the magnitude's second
+    # (the phase is linear: the same step at every column). Near the row's end the
+    # differences reaching past it are 0, so the masked lanes keep finite symbols.
+    f1 = f0 + tl.minimum(cols - 1, 1)
+    a0, a1, a2, a3 = _magnitude_features(phi_re_ptr, f0, F)
+    b0, b1, b2, b3 = _magnitude_features(phi_re_ptr, f1, F)
+    e0, e1, e2, e3 = _magnitude_features(phi_re_ptr, f0 + 2, F)
+    b0, b1, b2, b3 = b0 - a0, b1 - a1, b2 - a2, b3 - a3
+    e0, e1, e2, e3 = (tl.where(cols > 2, e0 - a0 - 2 * b0, 0.0), tl.where(cols > 2, e1 - a1 - 2 * b1, 0.0),
+                      tl.where(cols > 2, e2 - a2 - 2 * b2, 0.0), tl.where(cols > 2, e3 - a3 - 2 * b3, 0.0))
+    a4, a5 = _phase_features(phi_im_ptr, f0, F, ADJOINT)
+    b4, b5 = _phase_features(phi_im_ptr, f1, F, ADJOINT)
+    b4, b5 = b4 - a4, b5 - a5
+    t1, t2, t3 = _lane_sums(BLOCK_R, BLOCK_B, LANES, PRECISION)
+    for k0 in range(0, INNER, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < INNER
+        c0, c1, c2, c3, c4, c5 = _load_coefficients(
+            coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
+            mask_r[:, None] & mask_k[None, :])
+        lm = c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
+        st = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
+        cu = c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3
+        wr, wi = _rotation(c4 * a4 + c5 * a5, SPECIAL_SINCOS)
+        rr, ri = _rotation(c4 * b4 + c5 * b5, SPECIAL_SINCOS)
+        x = x_ptrs + k0 * in_sk
+        mask = mask_k[:, None] & mask_b[None, :]
+        p1_0, p2_0, p3_0 = _column_product(lm, wr, wi, x, mask, in_si, PRECISION)
+        lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+        p1_1, p2_1, p3_1 = _column_product(lm, wr, wi, x + in_sf, mask & (cols > 1), in_si, PRECISION)
+        lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+        p1_2, p2_2, p3_2 = _column_product(lm, wr, wi, x + 2 * in_sf, mask & (cols > 2), in_si, PRECISION)
+        lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+        p1_3, p2_3, p3_3 = _column_product(lm, wr, wi, x + 3 * in_sf, mask & (cols > 3), in_si, PRECISION)
+        if LANES == 4:
+            t1 += _lane_tree(p1_0, p1_1, p1_2, p1_3)
+            t2 += _lane_tree(p2_0, p2_1, p2_2, p2_3)
+            if PRECISION != "bf16":
+                t3 += _lane_tree(p3_0, p3_1, p3_2, p3_3)
+        else:
+            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+            p1_4, p2_4, p3_4 = _column_product(lm, wr, wi, x + 4 * in_sf, mask & (cols > 4), in_si, PRECISION)
+            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+            p1_5, p2_5, p3_5 = _column_product(lm, wr, wi, x + 5 * in_sf, mask & (cols > 5), in_si, PRECISION)
+            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+            p1_6, p2_6, p3_6 = _column_product(lm, wr, wi, x + 6 * in_sf, mask & (cols > 6), in_si, PRECISION)
+            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
+            p1_7, p2_7, p3_7 = _column_product(lm, wr, wi, x + 7 * in_sf, mask & (cols > 7), in_si, PRECISION)
+            # Even lanes 4a + 2b at [a, b] of one tree, odd ones of the other: [a, b, c] is lane 4a + 2b + c.
+            t1 += tl.join(_lane_tree(p1_0, p1_2, p1_4, p1_6), _lane_tree(p1_1, p1_3, p1_5, p1_7))
+            t2 += tl.join(_lane_tree(p2_0, p2_2, p2_4, p2_6), _lane_tree(p2_1, p2_3, p2_5, p2_7))
+            if PRECISION != "bf16":
+                t3 += tl.join(_lane_tree(p3_0, p3_2, p3_4, p3_6), _lane_tree(p3_1, p3_3, p3_5, p3_7))
+
+    y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
+    lanes = tl.arange(0, LANES)
+    out_offs = (g.to(tl.int64) * out_sg + (f0 + lanes).to(tl.int64)[None, None, :] * out_sf
+                + offs_r[:, None, None] * out_sr + offs_b.to(tl.int64)[None, :, None] * out_sb)
+    mask = mask_r[:, None, None] & mask_b[None, :, None] & (lanes < cols)[None, None, :]
+    y = tl.join(tl.reshape(y_re, (BLOCK_R, BLOCK_B, LANES)), tl.reshape(y_im, (BLOCK_R, BLOCK_B, LANES)))
+    tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2) * out_si, y.to(out_ptr.dtype.element_ty),
+             mask=mask[:, :, :, None])
 
 
 @triton.jit
@@ -367,6 +550,17 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
 # dots above; bf16 spectra take dots at every batch.
 RANK1_MAX_BATCH = 4
 
+# Products of bf16 spectra of at most ROW_MAX_BATCH batch entries on grids of at least
+# ROW_MIN_WIDTH rfft2 columns (32 tokens wide) take `_row_contract_kernel`: on an H200
+# (bf16, 16 rows on one warp, 8 columns) it took 11.63 ms against 15.48 for
+# `_contract_kernel` at C = 1152, batch 4, 128x128 grid, 3.29 against 3.95 on 64x64,
+# 1.35 against 1.75 at C = 384, batch 4, 128x128, 0.408 against 0.447 at batch 8 on
+# 64x64; 0.136 against 0.140 at batch 8 on 32x32 (4 columns), 0.559 against 0.568 at
+# batch 16 on 64x64, and 0.052 against 0.050 at batch 4 on 16x16. In tf32 it gained
+# at most 8% (1.85 against 2.01 ms at C = 384, batch 4, 128x128) and lost at 32x32.
+ROW_MAX_BATCH = 8
+ROW_MIN_WIDTH = 17
+
 
 def _special_sincos(precision):
     """The tf32 and bf16 dots take the symbol's phase from the special-function unit
@@ -464,6 +658,18 @@ def _grad_tiles(B, c_out, c_in, groups, F, device, precision):
                 num_stages=stages, maxnreg=None)
 
 
+def _row_tiles(B, width):
+    """Tiles of `_row_contract_kernel`: BLOCK_F (its LANES) grid columns of BLOCK_R = 16 rows
+    on one warp, whose 2D dots are one MMA tall. On an H200 (bf16, C = 1152, batch 4,
+    64x64 grid) 16 rows on one warp took 3.32 ms with 8 columns and 3.57 with 4, against
+    3.60 and 3.68 for 32 rows on 2 warps and 5.43 and 4.64 for 64 rows on 4 (exact
+    symbol: 3.95). Rows of at most 32 columns take 4 (fewer masked past the row's end):
+    0.135 against 0.144 ms at C = 384, batch 8, 32x32. One load stage was slower (3.65
+    ms), three about even (3.41)."""
+    return dict(BLOCK_F=8 if width > 32 else 4, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64),
+                num_warps=1, num_stages=2, maxnreg=None)
+
+
 def _with_overrides(defaults, tiles, contracted):
     """The defaults, with the entries of tiles that this kernel takes. The block named
     contracted (None: no dots) is the dots' inner size, which float32 tl.dot needs to be
@@ -494,22 +700,37 @@ def _empty_like_layout(like, rows):
     return out.permute([order.index(d) for d in range(like.dim())])
 
 
-def _contract(src, coef, phi_re, phi_im, adjoint, precision, tiles):
+def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
     """S src (adjoint=False: src (G, F, Ci, B, 2) -> (G, F, Co, B, 2)) or S^H src
     (adjoint=True: src (G, F, Co, B, 2) -> (G, F, Ci, B, 2)); float32 or bf16 (re, im)
-    views of any strides, the output in src's dtype and memory order."""
+    views of any strides, the output in src's dtype and memory order. width > 0: the
+    features are the rfft2 grid, width frequencies a row (`spectral_product`): bf16
+    products of small batches on wide grids take `_row_contract_kernel` (ROW_MAX_BATCH,
+    ROW_MIN_WIDTH; tiles ROW_STEPS overrides the choice)."""
     G, F, inner, B, _ = src.shape
     c_out, c_in = coef.shape[2:]
     rows = c_in if adjoint else c_out
     assert inner == (c_out if adjoint else c_in)
     dst = _empty_like_layout(src, rows)
-    cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
-    grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
+    steps = (tiles or {}).get("ROW_STEPS", precision == "bf16" and B <= ROW_MAX_BATCH and width >= ROW_MIN_WIDTH)
     if adjoint:
         coef = coef.transpose(2, 3).contiguous()     # (6, G, Ci, Co): S^H's rows are S's columns
-    _contract_kernel[grid](dst, src, coef, phi_re, phi_im, F, B, rows, inner,
-                           *src.stride(), *dst.stride(), *coef.stride(), ADJOINT=adjoint,
-                           PRECISION=precision, SPECIAL_SINCOS=_special_sincos(precision), **cfg)
+    args = (dst, src, coef, phi_re, phi_im, F, B, rows, inner)
+    strides = (*src.stride(), *dst.stride(), *coef.stride())
+    options = dict(ADJOINT=adjoint, PRECISION=precision, SPECIAL_SINCOS=_special_sincos(precision))
+    if steps:
+        cfg = _with_overrides(_row_tiles(B, width), tiles, "BLOCK_K")
+        lanes = cfg.pop("BLOCK_F")
+        if width < 1 or lanes not in (4, 8):
+            raise ValueError(f"the symbol's steps along the grid rows (tiles ROW_STEPS) need the grid's width and "
+                             f"BLOCK_F 4 or 8; got width {width}, BLOCK_F {lanes}")
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), F // width * triton.cdiv(width, lanes),
+                G * triton.cdiv(B, cfg["BLOCK_B"]))
+        _row_contract_kernel[grid](*args, width, *strides, LANES=lanes, **options, **cfg)
+    else:
+        cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
+        _contract_kernel[grid](*args, *strides, **options, **cfg)
     return dst
 
 
@@ -552,17 +773,17 @@ def _tiles_from_key(key):
 # (G, F, C, B, 2) float32 or bf16 views, coef the (6, G, Co, Ci) planes of a_re and a_im.
 
 @torch.library.custom_op("pdessm::spectral_product", mutates_args=())
-def _product_op(x: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor, phi_im: torch.Tensor,
+def _product_op(x: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor, phi_im: torch.Tensor, width: int,
                 precision: str, tiles: str) -> torch.Tensor:
     """y = S x, in x's dtype and memory order."""
-    return _contract(x, coef, phi_re, phi_im, False, precision, _tiles_from_key(tiles))
+    return _contract(x, coef, phi_re, phi_im, width, False, precision, _tiles_from_key(tiles))
 
 
 @torch.library.custom_op("pdessm::spectral_product_adjoint", mutates_args=())
-def _adjoint_op(dy: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor, phi_im: torch.Tensor,
+def _adjoint_op(dy: torch.Tensor, coef: torch.Tensor, phi_re: torch.Tensor, phi_im: torch.Tensor, width: int,
                 precision: str, tiles: str) -> torch.Tensor:
     """S^H dy, in dy's dtype and memory order."""
-    return _contract(dy, coef, phi_re, phi_im, True, precision, _tiles_from_key(tiles))
+    return _contract(dy, coef, phi_re, phi_im, width, True, precision, _tiles_from_key(tiles))
 
 
 @torch.library.custom_op("pdessm::spectral_product_coefficient_grad", mutates_args=())
@@ -573,12 +794,12 @@ def _coefficient_grad_op(x: torch.Tensor, dy: torch.Tensor, coef: torch.Tensor, 
 
 
 @_product_op.register_fake
-def _(x, coef, phi_re, phi_im, precision, tiles):
+def _(x, coef, phi_re, phi_im, width, precision, tiles):
     return _empty_like_layout(x, coef.shape[2])
 
 
 @_adjoint_op.register_fake
-def _(dy, coef, phi_re, phi_im, precision, tiles):
+def _(dy, coef, phi_re, phi_im, width, precision, tiles):
     return _empty_like_layout(dy, coef.shape[3])
 
 
@@ -588,9 +809,9 @@ def _(x, dy, coef, phi_re, phi_im, precision, tiles):
 
 
 def _product_setup_context(ctx, inputs, output):
-    x, coef, phi_re, phi_im, precision, tiles = inputs
+    x, coef, phi_re, phi_im, width, precision, tiles = inputs
     ctx.save_for_backward(x, coef, phi_re, phi_im)
-    ctx.precision, ctx.tiles = precision, tiles
+    ctx.width, ctx.precision, ctx.tiles = width, precision, tiles
 
 
 def _product_backward(ctx, grad_y):
@@ -598,10 +819,10 @@ def _product_backward(ctx, grad_y):
     grad_x = grad_coef = None
     if ctx.needs_input_grad[0]:
         # S^H reads grad_y in any memory order and writes in grad_y's; x's gradient goes back in x's.
-        grad_x = _reorder_like(_adjoint_op(grad_y, coef, phi_re, phi_im, ctx.precision, ctx.tiles), x)
+        grad_x = _reorder_like(_adjoint_op(grad_y, coef, phi_re, phi_im, ctx.width, ctx.precision, ctx.tiles), x)
     if ctx.needs_input_grad[1]:
         grad_coef = _coefficient_grad_op(x, grad_y, coef, phi_re, phi_im, ctx.precision, ctx.tiles)
-    return grad_x, grad_coef, None, None, None, None
+    return grad_x, grad_coef, None, None, None, None, None
 
 
 _product_op.register_autograd(_product_backward, setup_context=_product_setup_context)
@@ -614,7 +835,7 @@ def _reorder_like(t, like):
     return _empty_like_layout(like, t.shape[2]).copy_(t)
 
 
-def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tiles=None):
+def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tiles=None, width=None):
     """Fused `pde_ssm._GroupedSpectralProduct`: y[g, f, i, b] = sum_j S[g, f, i, j] x[g, f, j, b]
     with S = exp(phi_re a_re + 1j phi_im a_im), S made tile by tile in registers.
 
@@ -633,6 +854,12 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     BLOCK_B, SPLITS and RANK1 (dy x^H as rank-1 updates, no dots) of the coefficient
     gradient (powers of two; the contracted BLOCK_K, and the gradient's BLOCK_B without
     RANK1, at least 16), and Triton's num_warps, num_stages, maxnreg.
+    width: phi_re and phi_im are the rfft2 grid of `pde_ssm._frequency_features`, row by
+    row, width (W // 2 + 1) frequencies a row. Then the products of bf16 spectra of at
+    most ROW_MAX_BATCH batch entries on rows of at least ROW_MIN_WIDTH step the symbol
+    along the rows (`_row_contract_kernel`: 1.5 special functions per symbol entry
+    instead of three, and an error of about 1e-6 more); tiles ROW_STEPS=1 asks for that
+    in any mode, batch and width, ROW_STEPS=0 never.
     """
     is_complex = x.dtype == torch.complex64
     real_view = x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 5 and x.shape[-1] == 2
@@ -645,8 +872,12 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     c_out = a_re.shape[1]
     assert [t.shape for t in (a_re, a_im, phi_re, phi_im)] == [(G, c_out, c_in, 4), (G, c_out, c_in, 2), (F, 4),
                                                                (F, 2)]
+    if width is not None and (width < 1 or F % width):
+        raise ValueError(f"width {width} does not divide the {F} frequencies into rows: expected W // 2 + 1 of "
+                         "the rfft2 grid whose features phi_re and phi_im are")
     planes = _coefficient_planes(a_re, a_im)
     view = x if real_view else torch.view_as_real(x.resolve_conj())
     precision = "bf16" if view.dtype == torch.bfloat16 else input_precision
-    y = _product_op(view, planes, phi_re.contiguous(), phi_im.contiguous(), precision, _tiles_key(tiles))
+    y = _product_op(view, planes, phi_re.contiguous(), phi_im.contiguous(), width or 0, precision,
+                    _tiles_key(tiles))
     return y if real_view else torch.view_as_complex(y)

@@ -162,9 +162,24 @@ def test_planar_real_input_and_output():
     (1, 20, 6, (2, 3), 5, dict(SMALL_2D_TILES, RANK1=False)),
     (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles
     (1, 5, 3, (5, 3), 3, dict(RANK1=True)),   # rank-1 gradient updates on bf16 loads
+    (2, 6, 20, (3, 10), 3, dict(ROW_STEPS=True, BLOCK_F=8)),   # the row kernel (default on wider grids)
 ])
 def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
     check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles)
+
+
+@runs_here
+@pytest.mark.parametrize("grid_size,lanes", [
+    ((4, 8), 4),     # rows of 5 frequencies in tiles of 4: the second tile holds one column
+    ((3, 10), 8),    # rows of 6 in tiles of 8: two columns masked past every row's end
+    ((5, 2), 8),     # rows of 2
+])
+def test_row_kernel_matches_reference(grid_size, lanes):
+    # The products with the symbol stepped along the rows of the rfft2 grid (`_row_contract_kernel`),
+    # exact again at every row's first tile, in float32 dots: within float32 accuracy of the float64
+    # reference, y and grad_x (the adjoint steps too), and the coefficient gradients.
+    check_against_reference(2, 6, 20, grid_size, 3, 2e-5, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
+                            input_precision="ieee", width=grid_size[1] // 2 + 1)
 
 
 @runs_here
@@ -181,9 +196,10 @@ def test_custom_operators(bf16):
     x = torch.randn(batch, 2, F, groups, c_in, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
     dy = torch.randn(batch, 2, F, groups, c_out, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
     precision = "bf16" if bf16 else "ieee"
-    tiles = sp._tiles_key(SMALL_TILES)
-    for op, args in [(sp._product_op, (x.requires_grad_(), coef, phi_re, phi_im, precision, tiles)),
-                     (sp._adjoint_op, (dy, coef.detach(), phi_re, phi_im, precision, tiles)),
+    tiles = sp._tiles_key(dict(SMALL_TILES, ROW_STEPS=True, BLOCK_F=4) if bf16 else SMALL_TILES)  # bf16: the row kernel
+    width = grid_size[1] // 2 + 1
+    for op, args in [(sp._product_op, (x.requires_grad_(), coef, phi_re, phi_im, width, precision, tiles)),
+                     (sp._adjoint_op, (dy, coef.detach(), phi_re, phi_im, width, precision, tiles)),
                      (sp._coefficient_grad_op, (x.detach(), dy, coef.detach(), phi_re, phi_im, precision, tiles))]:
         torch.library.opcheck(op, args)
 
@@ -215,8 +231,9 @@ def test_torch_compile_fullgraph():
 @needs_cuda
 @pytest.mark.parametrize("c,grid_size,batch", [
     (384, (32, 32), 64),    # 2D product tiles, 64 x 32 gradient tiles over two stages
-    (384, (32, 32), 8),     # 3D product tiles, 64 x 16 gradient tiles
-    (1152, (16, 16), 4),    # 64 x 32 gradient tiles over three stages
+    (384, (32, 32), 8),     # the row kernel's 4 columns, 64 x 16 gradient tiles
+    (1152, (16, 16), 4),    # 3D product tiles, 64 x 32 gradient tiles over three stages
+    (384, (64, 64), 4),     # the row kernel's 8 columns
 ])
 def test_bf16_model_size_on_cuda(c, grid_size, batch):
     check_bf16_against_reference(1, c, c, grid_size, batch, None)
@@ -226,7 +243,8 @@ def check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles):
     """A bf16 planar spectrum (dense_mix under bf16 autocast): y and grad_x come back in bf16,
     made with the symbol rounded to bf16 (relative 2^-9) and rounded to bf16 themselves;
     the coefficient gradient sums exact products of the bf16 x and dy in float32. Against
-    the float64 reference on the same bf16 values of x and of the cotangent."""
+    the float64 reference on the same bf16 values of x and of the cotangent. The features
+    come with their grid's width, as pde_ssm hands them."""
     H, W = grid_size
     F = H * (W // 2 + 1)
     a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
@@ -246,7 +264,7 @@ def check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles):
 
     expected = run(planar.double(), a_re, a_im, phi_re, phi_im, weight.double(), reference)
     got = run(planar, a_re.float(), a_im.float(), phi_re.float(), phi_im.float(), weight,
-              lambda *args: sp.spectral_product(*args, tiles=tiles))
+              lambda *args: sp.spectral_product(*args, tiles=tiles, width=W // 2 + 1))
     assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[0].permute(3, 4, 1, 0, 2).is_contiguous()
     for name, out, ref, tol in zip(("y", "grad_x", "grad_a_re", "grad_a_im"), got, expected,
                                    (8e-3, 8e-3, 2e-5, 2e-5)):
@@ -299,6 +317,19 @@ def test_rejects_float64():
     a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
     with pytest.raises(ValueError, match="complex64"):
         sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2))
+
+
+def test_rejects_row_steps_without_grid_rows():
+    # The row kernel needs the grid's rows (a width that divides the frequencies) and 4 or 8 columns.
+    x = torch.zeros(1, 6, 3, 4, dtype=torch.complex64)
+    a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
+    phi_re, phi_im = torch.zeros(6, 4), torch.zeros(6, 2)
+    with pytest.raises(ValueError, match="width 4 does not divide the 6 frequencies"):
+        sp.spectral_product(x, a_re, a_im, phi_re, phi_im, width=4)
+    for tiles, width in [(dict(ROW_STEPS=True), 0), (dict(ROW_STEPS=True, BLOCK_F=2), 3)]:
+        with pytest.raises(ValueError, match="ROW_STEPS"):
+            sp._contract(torch.view_as_real(x), sp._coefficient_planes(a_re, a_im), phi_re, phi_im, width, False,
+                         "bf16", tiles)
 
 
 def test_rejects_tiles_too_small_for_dots():
