@@ -231,8 +231,10 @@ def check_cells(name, cells):
                              f"--size (or --patches, for table5)")
 
 
-def bench_models(args, device, cells, make_step, name, title):
-    """Time every (size, patch, image) cell for every system; ratios against SDPA DiT."""
+def bench_models(args, device, cells, make_step, name, title, by_params=False):
+    """Time every (size, patch, image) cell for every system; ratios against SDPA DiT. The plot
+    puts time against token counts, or with by_params (cells of one token count and several
+    model sizes) against each system's parameter count."""
     check_cells(name, cells)
     rows = []
     for size, patch, image_size in cells:
@@ -255,10 +257,13 @@ def bench_models(args, device, cells, make_step, name, title):
             rows.append({"model": f"{size}/{patch}", "image": image_size, "tokens": tokens, "system": system,
                          "params_M": f"{params / 1e6:.2f}" if isinstance(params, int) else params,
                          "ms": fmt_time(t), "peak_GiB": fmt_mem(mem), "speedup_vs_sdpa": ratio, "seconds": t,
-                         "peak_bytes": mem})
+                         "peak_bytes": mem, "params": params if isinstance(params, int) else None})
             print(f"  {size}/{patch} {image_size}px {system:16s} {fmt_time(t)} ms  {fmt_mem(mem)} GiB", flush=True)
 
     def plot(path):
+        if by_params:
+            lines = [dict(row, line=row["system"]) for row in rows if row["params"] is not None]
+            return plot_lines(lines, "params", "line", path, title, "parameters")
         # One line per system over the token counts; table5, whose patch sizes give each image size
         # several token counts, one per system and image size.
         images = {row["image"] for row in rows}
@@ -288,7 +293,7 @@ def bench_table9(args, device):
     """Paper Table 9: forward time of S/B/L/XL at 256 px, patch 2, batch 4."""
     cells = [(size, 2, 256) for size in ("S", "B", "L", "XL")]
     return bench_models(args, device, cells, forward_pass, "table9",
-                        f"Table 9: forward at 256 px, patch 2, batch {args.batch}")
+                        f"Table 9: forward at 256 px, patch 2, batch {args.batch}", by_params=True)
 
 
 def bench_scaling(args, device):

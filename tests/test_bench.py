@@ -79,6 +79,25 @@ def test_plot_lines_follow_the_token_counts(tmp_path, monkeypatch, table, lines)
     assert all(len(tokens) == len(set(tokens)) > 1 for tokens in drawn.values())
 
 
+def test_plot_of_model_sizes_follows_the_parameter_counts(tmp_path, monkeypatch):
+    # Table 9's cells share one token count and differ in model size: each system's line runs
+    # over its own models' parameter counts (two sizes here, as table9's four at 256 px).
+    drawn = {}
+
+    def plot_lines(rows, x_key, series_key, path, title, xlabel):
+        for row in rows:
+            drawn.setdefault(row[series_key], []).append(row[x_key])
+
+    monkeypatch.setattr(bench, "plot_lines", plot_lines)
+    args = bench.parse_args(["table9", "--device", "cpu", "--out-dir", str(tmp_path), "--warmup", "0",
+                             "--repeats", "1", "--batch", "1", "--systems", "attn-sdpa", "pdessm-pairwise"])
+    cpu = torch.device("cpu")
+    bench.bench_models(args, cpu, [("T", 2, 8), ("S", 2, 8)], bench.forward_pass, "table9", "t", by_params=True)
+    expected = {system: [bench.build_system(size, 2, 8, system, cpu)[1] for size in ("T", "S")]
+                for system in args.systems}
+    assert drawn == expected
+
+
 def test_out_of_memory_is_reported_not_raised():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
