@@ -121,6 +121,13 @@ def _load_coefficients(coef_ptr, plane_stride, offs, mask):
 
 
 @triton.jit
+def _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k):
+    """The products' (R, K) tiles of the six planes at rows offs_r and contracted channels k."""
+    return _load_coefficients(coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
+                              mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
 def _load_features(phi_re_ptr, phi_im_ptr, offs_f, mask_f):
     """Rows offs_f of phi_re (F, 4) and phi_im (F, 2) as six (BLOCK_F, 1, 1) columns."""
     p0 = tl.load(phi_re_ptr + 4 * offs_f, mask=mask_f, other=0.0)[:, None, None]
@@ -257,8 +264,8 @@ def _rotation(theta, SPECIAL_SINCOS: tl.constexpr):
 def _column_product(log2_mag, w_re, w_im, x_ptrs, mask, in_si, PRECISION: tl.constexpr):
     """One grid column's share of a contracted tile: the symbol exp2(log2_mag) (w_re + 1j w_im),
     (R, K), times the (K, B) spectrum tile at x_ptrs -> the sums t1, t2, t3 of `_complex_dots`.
-    A column past its row has its spectrum masked to 0 (and its symbol may overflow there:
-    its sums, which are never stored, may be nan)."""
+    A column past its row's end comes with its spectrum masked to 0 (its sums are never
+    stored)."""
     mag = tl.exp2(log2_mag)
     t1, t2, t3 = _complex_sums((log2_mag.shape[0], x_ptrs.shape[1]), PRECISION)
     return _complex_dots(mag * w_re, mag * w_im, tl.load(x_ptrs, mask=mask, other=0.0),
@@ -292,7 +299,6 @@ def _lane_sums(BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, LANES: tl.constexpr
     else:
         t3 = t
     return t, t, t3
-
 
 
 #################################################################################
@@ -334,9 +340,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < INNER
-        c0, c1, c2, c3, c4, c5 = _load_coefficients(
-            coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
-            mask_r[:, None] & mask_k[None, :])
+        c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
         m_re, m_im = _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS)
         x_offs = in_ptr + in_fb + k[None, :, None] * in_sk
         mask_x = mask_fb & mask_k[None, :, None]
@@ -405,9 +409,7 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < INNER
-        c0, c1, c2, c3, c4, c5 = _load_coefficients(
-            coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
-            mask_r[:, None] & mask_k[None, :])
+        c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
         lm = c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
         st = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
         cu = c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3

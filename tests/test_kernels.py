@@ -176,8 +176,8 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
 ])
 def test_row_kernel_matches_reference(grid_size, lanes):
     # The products with the symbol stepped along the rows of the rfft2 grid (`_row_contract_kernel`),
-    # exact again at every row's first tile, in float32 dots: within float32 accuracy of the float64
-    # reference, y and grad_x (the adjoint steps too), and the coefficient gradients.
+    # made exactly at each tile's first column, in float32 dots: within float32 accuracy of the
+    # float64 reference, y and grad_x (the adjoint steps too), and the coefficient gradients.
     check_against_reference(2, 6, 20, grid_size, 3, 2e-5, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
                             input_precision="ieee", width=grid_size[1] // 2 + 1)
 
