@@ -264,8 +264,8 @@ def _rotation(theta, SPECIAL_SINCOS: tl.constexpr):
 def _column_product(log2_mag, w_re, w_im, x_ptrs, mask, in_si, PRECISION: tl.constexpr):
     """One grid column's share of a contracted tile: the symbol exp2(log2_mag) (w_re + 1j w_im),
     (R, K), times the (K, B) spectrum tile at x_ptrs -> the sums t1, t2, t3 of `_complex_dots`.
-    A column past its row's end comes with its spectrum masked to 0 (its sums are never
-    stored)."""
+    A column past its row's end comes with its spectrum masked to 0; its symbol, the row's
+    extrapolated, may overflow there, making its sums (never stored) inf or nan."""
     mag = tl.exp2(log2_mag)
     t1, t2, t3 = _complex_sums((log2_mag.shape[0], x_ptrs.shape[1]), PRECISION)
     return _complex_dots(mag * w_re, mag * w_im, tl.load(x_ptrs, mask=mask, other=0.0),
@@ -393,8 +393,8 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
               + offs_b.to(tl.int64)[None, :] * in_sb)
     cols = ROW - col0      # columns of this row from col0 on; the lanes past them are masked
     # The features at the first column, their first differences and the magnitude's second
-    # (the phase is linear: the same step at every column). Near the row's end the
-    # differences reaching past it are 0, so the masked lanes keep finite symbols.
+    # (the phase is linear: the same step at every column). Differences that would reach
+    # past the row's end are 0, so no lane reads the next row's features.
     f1 = f0 + tl.minimum(cols - 1, 1)
     a0, a1, a2, a3 = _magnitude_features(phi_re_ptr, f0, F)
     b0, b1, b2, b3 = _magnitude_features(phi_re_ptr, f1, F)
