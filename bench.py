@@ -374,6 +374,27 @@ def symbol_product(spectrum, params, grid, cotangent=None, fused=False):
     return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
 
 
+def planar_symbol_product(planar, params, grid, cotangent=None, tiles=None):
+    """The pairwise product of the planar (B, re/im, F, C) spectrum that `pde_ssm.dense_mix`
+    hands it, in bf16 (as under bf16 autocast) through the fused kernel, with its tile
+    overrides, or in float64 through the PyTorch path. Returns as `symbol_product`, the
+    output and the spectrum's gradient planar."""
+    B, _, F, C = planar.shape
+    leaves = [t.detach().requires_grad_(cotangent is not None) for t in (planar, *params)]
+    with torch.set_grad_enabled(cotangent is not None):
+        a_re, a_im, phi_re, phi_im = pde_ssm._grouped_operands(*leaves[1:], (grid, grid))
+        x = leaves[0].view(B, 2, F, 1, C).permute(3, 2, 4, 0, 1)                 # (G, F, C, B, re/im)
+        if planar.dtype == torch.float64:
+            y = pde_ssm._grouped_product(x, a_re, a_im, phi_re, phi_im, grid // 2 + 1)
+        else:
+            from kernels.spectral_product import spectral_product  # imports Triton only when used
+            y = spectral_product(x, a_re, a_im, phi_re, phi_im, tiles=tiles, width=grid // 2 + 1)
+        out = y.permute(3, 4, 1, 0, 2).reshape(B, 2, F, C)
+    if cotangent is None:
+        return [out]
+    return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
+
+
 def relative_error(got, expected):
     """The largest norm-wise relative error over matching tensors."""
     return max(((g.to(e.dtype) - e).abs().norm() / e.abs().norm()).item() for g, e in zip(got, expected))
@@ -382,7 +403,12 @@ def relative_error(got, expected):
 def bench_symbol(args, device):
     """The pairwise symbol product (Eq. 9 at every frequency, C x C per frequency) alone:
     the PyTorch path against the fused Triton kernel, forward and forward + backward at a
-    PDESSM's initialization, each with its error against the PyTorch path in float64."""
+    PDESSM's initialization, each with its error against the PyTorch path in float64.
+    Paths: pytorch and fused on the complex64 rfft2 spectrum (the kernel's tf32 dots);
+    fused-bf16 on the planar bf16 spectrum of training under bf16 autocast, and
+    fused-bf16-unstepped, the same with the symbol made at every frequency (tiles
+    ROW_STEPS=False: `_contract_kernel` where fused-bf16 takes `_row_contract_kernel`,
+    at batches of up to 8 on grids of 32 and more)."""
     if device.type != "cuda" or not kernels.HAS_TRITON:
         raise SystemExit("bench.py symbol times the fused Triton kernel: it needs a CUDA device and Triton")
     rows = []
@@ -400,20 +426,35 @@ def bench_symbol(args, device):
             both, mem = measure(lambda: symbol_product(spectrum, params, grid, cotangent, fused), device,
                                 args.warmup, args.repeats, args.budget)
             cells.append((path, fused, forward, both, mem))
-        # The float64 product only after the timings, so that no peak includes it.
-        expected = symbol_product(spectrum.to(torch.complex128), [p.double() for p in params], grid,
-                                  cotangent.to(torch.complex128))
-        for path, fused, forward, both, mem in cells:
+        # The bf16 paths on the planar layout, (B, C, H, W // 2 + 1) -> (B, re/im, F, C).
+        planar, planar_cotangent = (torch.view_as_real(t).permute(0, 4, 2, 3, 1).reshape(args.batch, 2, -1, args.dim)
+                                    .bfloat16() for t in (spectrum, cotangent))
+        for path, tiles in (("fused-bf16", None), ("fused-bf16-unstepped", dict(ROW_STEPS=False))):
+            start_cell(device)
+            forward, _ = measure(lambda: planar_symbol_product(planar, params, grid, tiles=tiles), device,
+                                 args.warmup, args.repeats, args.budget)
+            both, mem = measure(lambda: planar_symbol_product(planar, params, grid, planar_cotangent, tiles), device,
+                                args.warmup, args.repeats, args.budget)
+            cells.append((path, tiles, forward, both, mem))
+        # The float64 products only after the timings, so that no peak includes them; the bf16
+        # paths' on the same bf16 values.
+        params64 = [p.double() for p in params]
+        expected = symbol_product(spectrum.to(torch.complex128), params64, grid, cotangent.to(torch.complex128))
+        expected_planar = planar_symbol_product(planar.double(), params64, grid, planar_cotangent.double())
+        for path, option, forward, both, mem in cells:
             error = None
-            if isinstance(both, float):  # else out of memory
-                error = relative_error(symbol_product(spectrum, params, grid, cotangent, fused), expected)
+            if isinstance(both, float) and path in ("pytorch", "fused"):  # else out of memory, or bf16
+                error = relative_error(symbol_product(spectrum, params, grid, cotangent, option), expected)
+            elif isinstance(both, float):
+                error = relative_error(planar_symbol_product(planar, params, grid, planar_cotangent, option),
+                                       expected_planar)
             rows.append({"grid": f"{grid}x{grid}", "frequencies": frequencies, "path": path,
                          "fwd_ms": fmt_time(forward), "fwd_bwd_ms": fmt_time(both),
                          "fwd_bwd_TFLOPs": "-" if error is None else f"{3 * flops / both / 1e12:.1f}",
                          "peak_GiB": fmt_mem(mem), "rel_error": "-" if error is None else f"{error:.1e}",
                          "seconds": both, "peak_bytes": mem, "error": error})
             print(f"  {path:8s} grid {grid:4d}: {fmt_time(forward)} / {fmt_time(both)} ms", flush=True)
-        del expected
+        del expected, expected_planar
 
     def plot(path):
         plot_lines(rows, "frequencies", "path", path, f"pairwise symbol product forward+backward, batch "
