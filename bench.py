@@ -426,9 +426,10 @@ def bench_symbol(args, device):
             both, mem = measure(lambda: symbol_product(spectrum, params, grid, cotangent, fused), device,
                                 args.warmup, args.repeats, args.budget)
             cells.append((path, fused, forward, both, mem))
-        # The bf16 paths on the planar layout, (B, C, H, W // 2 + 1) -> (B, re/im, F, C).
+        # The bf16 paths on the planar layout of dense_mix, (B, C, H, W // 2 + 1) -> (B, re/im, F, C) in
+        # memory (reshape alone would keep rfft2's strides: channels outermost, re and im interleaved).
         planar, planar_cotangent = (torch.view_as_real(t).permute(0, 4, 2, 3, 1).reshape(args.batch, 2, -1, args.dim)
-                                    .bfloat16() for t in (spectrum, cotangent))
+                                    .contiguous().bfloat16() for t in (spectrum, cotangent))
         for path, tiles in (("fused-bf16", None), ("fused-bf16-unstepped", dict(ROW_STEPS=False))):
             start_cell(device)
             forward, _ = measure(lambda: planar_symbol_product(planar, params, grid, tiles=tiles), device,
