@@ -5,7 +5,7 @@
     python bench.py table9     # paper Table 9: S/B/L/XL forward at 256 px, patch 2, batch 4
     python bench.py scaling    # training step and peak memory against token count
     python bench.py mixer      # the mixer alone: forward + backward over grid sizes
-    python bench.py symbol     # the pairwise symbol product alone: fused kernel vs PyTorch (GPU)
+    python bench.py symbol     # the pairwise symbol product alone: fused kernel (tf32, bf16) vs PyTorch (GPU)
 
 Every table puts side by side: attention through SDPA (flash where available),
 attention written out as softmax(QK^T)V (naive), and PDE-SSM with each coupling;
