@@ -174,11 +174,13 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
     ((4, 8), 4),     # rows of 5 frequencies in tiles of 4: the second tile holds one column
     ((3, 10), 8),    # rows of 6 in tiles of 8: two columns masked past every row's end
     ((5, 2), 8),     # rows of 2
+    ((2, 64), 8),    # rows of 33: the coefficient gradient steps 32 columns from each row's start
 ])
-def test_row_kernel_matches_reference(grid_size, lanes):
-    # The products with the symbol stepped along the rows of the rfft2 grid (`_row_contract_kernel`),
-    # made exactly at each tile's first column, in float32 dots: within float32 accuracy of the
-    # float64 reference, y and grad_x (the adjoint steps too), and the coefficient gradients.
+def test_row_steps_match_reference(grid_size, lanes):
+    # The symbol stepped along the rows of the rfft2 grid, in float32 dots: the products
+    # (`_row_contract_kernel`, exact at each tile's first column; the adjoint steps too) and the
+    # coefficient gradient (exact at each row's first column), within float32 accuracy of the
+    # float64 reference.
     check_against_reference(2, 6, 20, grid_size, 3, 2e-5, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
                             input_precision="ieee", width=grid_size[1] // 2 + 1)
 
@@ -197,11 +199,11 @@ def test_custom_operators(bf16):
     x = torch.randn(batch, 2, F, groups, c_in, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
     dy = torch.randn(batch, 2, F, groups, c_out, device=DEVICE, dtype=dtype).permute(3, 2, 4, 0, 1)
     precision = "bf16" if bf16 else "ieee"
-    tiles = sp._tiles_key(dict(SMALL_TILES, ROW_STEPS=True, BLOCK_F=4) if bf16 else SMALL_TILES)  # bf16: the row kernel
+    tiles = sp._tiles_key(dict(SMALL_TILES, ROW_STEPS=True, BLOCK_F=4) if bf16 else SMALL_TILES)  # bf16: the row steps
     width = grid_size[1] // 2 + 1
-    for op, args in [(sp._product_op, (x.requires_grad_(), coef, phi_re, phi_im, width, precision, tiles)),
-                     (sp._adjoint_op, (dy, coef.detach(), phi_re, phi_im, width, precision, tiles)),
-                     (sp._coefficient_grad_op, (x.detach(), dy, coef.detach(), phi_re, phi_im, precision, tiles))]:
+    rest = (phi_re, phi_im, width, precision, tiles)
+    for op, args in [(sp._product_op, (x.requires_grad_(), coef, *rest)), (sp._adjoint_op, (dy, coef.detach(), *rest)),
+                     (sp._coefficient_grad_op, (x.detach(), dy, coef.detach(), *rest))]:
         torch.library.opcheck(op, args)
 
 
