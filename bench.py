@@ -358,20 +358,29 @@ def bench_mixer(args, device):
 #                    The pairwise symbol product alone                          #
 #################################################################################
 
+def with_gradients(fn, inputs, cotangent):
+    """[fn(*leaves)] of detached copies of inputs, and given a cotangent for the output,
+    the output detached and the leaves' gradients for it."""
+    leaves = [t.detach().requires_grad_(cotangent is not None) for t in inputs]
+    with torch.set_grad_enabled(cotangent is not None):
+        out = fn(*leaves)
+    if cotangent is None:
+        return [out]
+    return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
+
+
 def symbol_product(spectrum, params, grid, cotangent=None, fused=False):
     """`pde_ssm.apply_symbol` of spectrum (B, C, grid, grid // 2 + 1) with pairwise parameters
     (K, b, r, tau), through the fused kernel or the PyTorch path. Returns the output and,
     given a cotangent, the gradients of spectrum, K, b, r and tau for it."""
-    leaves = [t.detach().requires_grad_(cotangent is not None) for t in (spectrum, *params)]
-    previous, pde_ssm.FUSED_SPECTRAL_PRODUCT = pde_ssm.FUSED_SPECTRAL_PRODUCT, fused
-    try:
-        with torch.set_grad_enabled(cotangent is not None):
-            out = pde_ssm.apply_symbol(leaves[0], *leaves[1:], (grid, grid))
-    finally:
-        pde_ssm.FUSED_SPECTRAL_PRODUCT = previous
-    if cotangent is None:
-        return [out]
-    return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
+    def product(*leaves):
+        previous, pde_ssm.FUSED_SPECTRAL_PRODUCT = pde_ssm.FUSED_SPECTRAL_PRODUCT, fused
+        try:
+            return pde_ssm.apply_symbol(leaves[0], *leaves[1:], (grid, grid))
+        finally:
+            pde_ssm.FUSED_SPECTRAL_PRODUCT = previous
+
+    return with_gradients(product, (spectrum, *params), cotangent)
 
 
 def planar_symbol_product(planar, params, grid, cotangent=None, tiles=None):
@@ -380,8 +389,8 @@ def planar_symbol_product(planar, params, grid, cotangent=None, tiles=None):
     overrides, or in float64 through the PyTorch path. Returns as `symbol_product`, the
     output and the spectrum's gradient planar."""
     B, _, F, C = planar.shape
-    leaves = [t.detach().requires_grad_(cotangent is not None) for t in (planar, *params)]
-    with torch.set_grad_enabled(cotangent is not None):
+
+    def product(*leaves):
         a_re, a_im, phi_re, phi_im = pde_ssm._grouped_operands(*leaves[1:], (grid, grid))
         x = leaves[0].view(B, 2, F, 1, C).permute(3, 2, 4, 0, 1)                 # (G, F, C, B, re/im)
         if planar.dtype == torch.float64:
@@ -389,10 +398,9 @@ def planar_symbol_product(planar, params, grid, cotangent=None, tiles=None):
         else:
             from kernels.spectral_product import spectral_product  # imports Triton only when used
             y = spectral_product(x, a_re, a_im, phi_re, phi_im, tiles=tiles, width=grid // 2 + 1)
-        out = y.permute(3, 4, 1, 0, 2).reshape(B, 2, F, C)
-    if cotangent is None:
-        return [out]
-    return [out.detach(), *torch.autograd.grad(out, leaves, cotangent)]
+        return y.permute(3, 4, 1, 0, 2).reshape(B, 2, F, C)
+
+    return with_gradients(product, (planar, *params), cotangent)
 
 
 def relative_error(got, expected):
