@@ -26,8 +26,9 @@ At small batches the products are bound by the special functions that make S (ex
 sin, cos per entry). On the rows of the rfft2 grid the exponent is quadratic in the
 column, so `_row_contract_kernel` makes S exactly at a program's first column and
 steps it along the row: the log magnitude by its differences, the phase by a rotation.
-The coefficient gradient of bf16 spectra walks whole rows the same way (ROW_STEPS):
-S exact at each row's start, then one exp2 and one rotation a column.
+The coefficient gradient of bf16 spectra (and of tf32 products at batches of 5 to 16)
+walks whole rows the same way (ROW_STEPS): S exact at each row's start, then one exp2
+and one rotation a column.
 
 Spectra are read and written as float32 or bf16 (re, im) views of any strides:
 interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
@@ -618,6 +619,10 @@ RANK1_MAX_BATCH = 4
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
+# The coefficient gradient of float32 spectra in tf32 dots steps the symbol along the grid
+# rows from RANK1_MAX_BATCH (exclusive) to this many batch entries (see `_grad_tiles`).
+TF32_GRAD_ROW_MAX_BATCH = 16
+
 
 def _special_sincos(precision):
     """The tf32 and bf16 dots take the symbol's phase from the special-function unit
@@ -710,13 +715,21 @@ def _grad_tiles(B, c_out, c_in, groups, F, device, precision, steps):
     32x32 0.510 -> 0.352 and 16x16 0.167 -> 0.141; C = 1152, batch 64, 16x16 1.073 ->
     0.960. Against that, with the steps: 64 x 32 tiles 7.0 ms and 0.308 (C = 1152,
     batch 4, 64x64; C = 384, batch 8), no register cap 6.45 and 0.247, caps of 144 and
-    128 registers 6.51 and 7.45 at C = 1152, 8 warps 10.3."""
+    128 registers 6.51 and 7.45 at C = 1152, 8 warps 10.3.
+
+    tf32 dots (float32 spectra) take the same steps and tiles between the rank-1 batches
+    and TF32_GRAD_ROW_MAX_BATCH (H100, ms, exact symbol -> steps): C = 384, batch 8,
+    32x32 0.938 -> 0.698 and 64x64 3.66 -> 2.55, batch 16, 32x32 0.993 -> 0.804;
+    C = 1152, batch 8, 32x32 4.98 -> 4.64, batch 16, 64x64 21.67 -> 19.99. At batch 32
+    the exact symbol's 64 x 32 tiles were faster (0.983 against 1.33 ms at C = 384,
+    32x32); at batch 4 the steps' tf32 dots beat the rank-1 updates (15.80 against 19.47
+    ms at C = 1152, 64x64) but round to tf32 what those keep exact, so those stay."""
     block_b = _pow2_between(B, 16, 64)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     bf16 = precision == "bf16"
     rank1 = B <= RANK1_MAX_BATCH and not bf16
     maxnreg = None
-    if bf16 and steps:
+    if steps and precision in ("bf16", "tf32"):
         block_o, block_i, stages, maxnreg = 64, 16, 3, 168
     elif block_b >= 32:
         block_o, block_i, stages = 64, 32, 2 if bf16 else 1
@@ -776,9 +789,11 @@ def _row_steps(B, width, precision, tiles, gradient=False):
     """Whether a kernel steps the symbol along the rows of the rfft2 grid (width > 0
     frequencies a row): by default for bf16 spectra, in the products of at most
     ROW_MAX_BATCH batch entries on rows of at least ROW_MIN_WIDTH, in the coefficient
-    gradient (gradient=True) on any grid; tiles ROW_STEPS overrides."""
+    gradient (gradient=True) on any grid, and there for tf32 too between RANK1_MAX_BATCH
+    and TF32_GRAD_ROW_MAX_BATCH batch entries; tiles ROW_STEPS overrides."""
     if gradient:
-        default = precision == "bf16" and width > 0
+        default = width > 0 and (precision == "bf16" or precision == "tf32"
+                                 and RANK1_MAX_BATCH < B <= TF32_GRAD_ROW_MAX_BATCH)
     else:
         default = precision == "bf16" and B <= ROW_MAX_BATCH and width >= ROW_MIN_WIDTH
     steps = bool((tiles or {}).get("ROW_STEPS", default))
@@ -954,10 +969,11 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     most ROW_MAX_BATCH batch entries on rows of at least ROW_MIN_WIDTH step the symbol
     along the rows (`_row_contract_kernel`: 1.5 special functions per symbol entry
     instead of three, and an error of about 1e-6 more), and so does the coefficient
-    gradient of bf16 spectra on any grid (one exp2 and a rotation per entry, rows
-    restarted exactly; an error of about 1e-5 relative on 65-column rows, against the
-    bf16 inputs' 4e-3); tiles ROW_STEPS=1 asks for both in any mode, batch and width,
-    ROW_STEPS=0 for neither.
+    gradient of bf16 spectra on any grid and of tf32 products at batches over
+    RANK1_MAX_BATCH up to TF32_GRAD_ROW_MAX_BATCH (one exp2 and a rotation per entry,
+    rows restarted exactly; an error of about 1e-5 relative on 65-column rows, against
+    the bf16 inputs' 4e-3 and tf32's 1e-3); tiles ROW_STEPS=1 asks for both in any
+    mode, batch and width, ROW_STEPS=0 for neither.
     """
     is_complex = x.dtype == torch.complex64
     real_view = x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 5 and x.shape[-1] == 2
