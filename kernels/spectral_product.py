@@ -155,8 +155,8 @@ def _rotation(theta, SPECIAL_SINCOS: tl.constexpr):
 @triton.jit
 def _symbol(c0, c1, c2, c3, c4, c5, p0, p1, p2, p3, p4, p5, SPECIAL_SINCOS: tl.constexpr):
     """S = exp(sum_k c_k p_k, k < 4) e^(1j (c4 p4 + c5 p5)) (Eq. 10), the magnitude as exp2
-    of features scaled by log2 e, elementwise over coefficients and features
-    that broadcast together: (1, R, K) tiles and (F, 1, 1) columns -> (F, R, K), or (R, K)
+    of features scaled by log2 e, elementwise over coefficients and features that
+    broadcast together: (1, R, K) tiles and (F, 1, 1) columns -> (F, R, K), or (R, K)
     tiles and scalars -> (R, K). The phase's sin and cos from `_sincos_special` or, for
     the float32-exact modes, `_sincos`."""
     p0, p1, p2, p3 = p0 * _LOG2E, p1 * _LOG2E, p2 * _LOG2E, p3 * _LOG2E
@@ -573,7 +573,9 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
                                                                  mag * w_re, mag * w_im, p0, p1, p2, p3, p4, p5)
                 w_re, w_im = w_re * r_re - w_im * r_im, w_re * r_im + w_im * r_re
     else:
-        # (1, O, I) tiles, the symbol made as `_contract_kernel` makes it for one frequency.
+        # (1, O, I) tiles, the symbol made as `_contract_kernel` makes it for one frequency: the
+        # layouts Triton picks for these kept tf32 at large batches fast (in 2D tiles this loop
+        # spilled its sums and took up to 1.5x longer at batch 64).
         dy_o, x_i = offs_o[None, :, None] * dy_sc, offs_i[None, None, :] * x_sc
         c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr, coef_s6, pair_offs, pair_mask)
         for f in range(f_begin, f_end):
