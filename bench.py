@@ -416,7 +416,8 @@ def bench_symbol(args, device):
     fused-bf16 on the planar bf16 spectrum of training under bf16 autocast, and
     fused-bf16-unstepped, the same with the symbol made at every frequency (tiles
     ROW_STEPS=False: `_contract_kernel` where fused-bf16 takes `_row_contract_kernel`,
-    at batches of up to 8 on grids of 32 and more)."""
+    at batches of up to 8 on grids of 32 and more, and the coefficient gradient without
+    its row steps)."""
     if device.type != "cuda" or not kernels.HAS_TRITON:
         raise SystemExit("bench.py symbol times the fused Triton kernel: it needs a CUDA device and Triton")
     rows = []

@@ -261,6 +261,26 @@ def _phase_features(phi_im_ptr, f, F, ADJOINT: tl.constexpr):
 
 
 @triton.jit
+def _row_features(phi_re_ptr, phi_im_ptr, f0, cols, F, ADJOINT: tl.constexpr):
+    """The features along a row of the rfft2 grid from frequency f0 on, cols columns of it
+    left, as scalars: phi_re scaled by log2 e at f0 (a0..a3), its first and second
+    differences there (d0..d3, e0..e3: phi_re is quadratic in the column), and phi_im at
+    f0, negated for the adjoint (a4, a5), with its first difference (d4, d5: phi_im is
+    linear). Differences that would reach past the row's end are 0, so nothing is read
+    from the next row."""
+    f1 = f0 + tl.minimum(cols - 1, 1)
+    a0, a1, a2, a3 = _magnitude_features(phi_re_ptr, f0, F, _LOG2E)
+    d0, d1, d2, d3 = _magnitude_features(phi_re_ptr, f1, F, _LOG2E)
+    e0, e1, e2, e3 = _magnitude_features(phi_re_ptr, f0 + 2, F, _LOG2E)
+    d0, d1, d2, d3 = d0 - a0, d1 - a1, d2 - a2, d3 - a3
+    e0, e1, e2, e3 = (tl.where(cols > 2, e0 - a0 - 2 * d0, 0.0), tl.where(cols > 2, e1 - a1 - 2 * d1, 0.0),
+                      tl.where(cols > 2, e2 - a2 - 2 * d2, 0.0), tl.where(cols > 2, e3 - a3 - 2 * d3, 0.0))
+    a4, a5 = _phase_features(phi_im_ptr, f0, F, ADJOINT)
+    d4, d5 = _phase_features(phi_im_ptr, f1, F, ADJOINT)
+    return a0, a1, a2, a3, d0, d1, d2, d3, e0, e1, e2, e3, a4, a5, d4 - a4, d5 - a5
+
+
+@triton.jit
 def _batch_tile_dots(dy_f, x_f, b_row, b_col, mask_o, mask_i, B, dy_sb, dy_si, x_sb, x_si, t1, t2, t3,
                      PRECISION: tl.constexpr):
     """`_complex_dots` of the (O, B) tile of dy and the (B, I) tile of x_im + 1j x_re, each with
@@ -394,19 +414,8 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     x_ptrs = (in_ptr + g.to(tl.int64) * in_sg + f0.to(tl.int64) * in_sf + offs_k[:, None] * in_sk
               + offs_b.to(tl.int64)[None, :] * in_sb)
     cols = ROW - col0      # columns of this row from col0 on; the lanes past them are masked
-    # The features at the first column, their first differences and the magnitude's second
-    # (the phase is linear: the same step at every column). Differences that would reach
-    # past the row's end are 0, so no lane reads the next row's features.
-    f1 = f0 + tl.minimum(cols - 1, 1)
-    a0, a1, a2, a3 = _magnitude_features(phi_re_ptr, f0, F, _LOG2E)
-    b0, b1, b2, b3 = _magnitude_features(phi_re_ptr, f1, F, _LOG2E)
-    e0, e1, e2, e3 = _magnitude_features(phi_re_ptr, f0 + 2, F, _LOG2E)
-    b0, b1, b2, b3 = b0 - a0, b1 - a1, b2 - a2, b3 - a3
-    e0, e1, e2, e3 = (tl.where(cols > 2, e0 - a0 - 2 * b0, 0.0), tl.where(cols > 2, e1 - a1 - 2 * b1, 0.0),
-                      tl.where(cols > 2, e2 - a2 - 2 * b2, 0.0), tl.where(cols > 2, e3 - a3 - 2 * b3, 0.0))
-    a4, a5 = _phase_features(phi_im_ptr, f0, F, ADJOINT)
-    b4, b5 = _phase_features(phi_im_ptr, f1, F, ADJOINT)
-    b4, b5 = b4 - a4, b5 - a5
+    a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5 = _row_features(phi_re_ptr, phi_im_ptr, f0,
+                                                                                   cols, F, ADJOINT)
     # The columns' sums, laid out as `_lane_tree` joins them.
     if LANES == 4:
         t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2), PRECISION)
@@ -546,21 +555,16 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
         # (O, I) tiles.
         dy_o, x_i = offs_o[:, None] * dy_sc, offs_i[None, :] * x_sc
         for f0 in range(f_begin, f_end, ROW):
-            # The magnitude's features at the row's first three columns give its expansion
-            # p(n) = p(0) + n (p(1) - p(0) - d / 2) + n^2 d / 2, d the second difference. Rows of
-            # one or two columns read the next row's (0 past F), which n (n - 1) cancels.
-            a0, a1, a2, a3 = _magnitude_features(phi_re_ptr, f0, F, _LOG2E)
-            b0, b1, b2, b3 = _magnitude_features(phi_re_ptr, f0 + 1, F, _LOG2E)
-            e0, e1, e2, e3 = _magnitude_features(phi_re_ptr, f0 + 2, F, _LOG2E)
+            # The magnitude's features p(n) = p(0) + n (d - e / 2) + n^2 e / 2 in the column n, d and e
+            # their first and second differences at the row's start.
+            a0, a1, a2, a3, d0, d1, d2, d3, e0, e1, e2, e3, a4, a5, d4, d5 = _row_features(phi_re_ptr, phi_im_ptr, f0,
+                                                                                           ROW, F, False)
             c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr, coef_s6, pair_offs, pair_mask)
             l0 = c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
-            l2 = 0.5 * (c0 * (e0 - 2 * b0 + a0) + c1 * (e1 - 2 * b1 + a1) + c2 * (e2 - 2 * b2 + a2)
-                        + c3 * (e3 - 2 * b3 + a3))
-            l1 = c0 * (b0 - a0) + c1 * (b1 - a1) + c2 * (b2 - a2) + c3 * (b3 - a3) - l2
-            a4, a5 = _phase_features(phi_im_ptr, f0, F, False)
-            b4, b5 = _phase_features(phi_im_ptr, f0 + 1, F, False)
+            l2 = 0.5 * (c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3)
+            l1 = c0 * d0 + c1 * d1 + c2 * d2 + c3 * d3 - l2
             w_re, w_im = _rotation(c4 * a4 + c5 * a5, SPECIAL_SINCOS)
-            r_re, r_im = _rotation(c4 * (b4 - a4) + c5 * (b5 - a5), SPECIAL_SINCOS)
+            r_re, r_im = _rotation(c4 * d4 + c5 * d5, SPECIAL_SINCOS)
             for n in range(0, ROW):
                 f = tl.cast(f0 + n, tl.int64)
                 dg_re, dg_im = _conj_outer(dy_ptr + f * dy_sf + dy_o, x_ptr + f * x_sf + x_i, offs_b[None, :],
@@ -712,11 +716,10 @@ def _grad_tiles(B, c_out, c_in, groups, F, device, precision, steps):
     pipeline across the frequencies. There 64 x 16 tiles over three stages, capped at
     168 registers (three programs per multiprocessor; compiled by Triton 3.8 for sm_90,
     the spills fall outside the loop over a row's columns), were the fastest tried at
-    every batch. On an H100 (ms,
-    before -> after): C = 1152, batch 4, 64x64 10.05 -> 6.79 and 128x128 40.27 -> 25.72;
-    C = 384, batch 4, 128x128 4.20 -> 2.78, batch 8, 32x32 0.311 -> 0.227, batch 64,
-    32x32 0.510 -> 0.352 and 16x16 0.167 -> 0.141; C = 1152, batch 64, 16x16 1.073 ->
-    0.960. Against that, with the steps: 64 x 32 tiles 7.0 ms and 0.308 (C = 1152,
+    every batch. On an H100 (ms, before -> after): C = 1152, batch 4, 64x64 10.05 ->
+    6.79 and 128x128 40.27 -> 25.72; C = 384, batch 4, 128x128 4.20 -> 2.78, batch 8,
+    32x32 0.311 -> 0.227, batch 64, 32x32 0.510 -> 0.352 and 16x16 0.167 -> 0.141;
+    C = 1152, batch 64, 16x16 1.073 -> 0.960. Against that, with the steps: 64 x 32 tiles 7.0 ms and 0.308 (C = 1152,
     batch 4, 64x64; C = 384, batch 8), no register cap 6.45 and 0.247, caps of 144 and
     128 registers 6.51 and 7.45 at C = 1152, 8 warps 10.3.
 
