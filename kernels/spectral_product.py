@@ -25,8 +25,10 @@ tensor cores, so S never reaches device memory and memory stays O(B N C + C^2):
 At small batches the products are bound by the special functions that make S (exp2,
 sin, cos per entry). On the rows of the rfft2 grid the exponent is quadratic in the
 column, so `_row_contract_kernel` makes S exactly at a program's first column and
-steps it along the row: the log magnitude by its differences, the phase by a rotation.
-The coefficient gradient of bf16 spectra (and of tf32 products at batches of 5 to 16)
+multiplies it along the row by a ratio that is itself multiplied by a constant (no
+special function after the first column), or, where those products could leave
+float32's range, steps the log magnitude by its differences (one exp2 a column) and the
+phase by a rotation. The coefficient gradient of bf16 spectra (and of tf32 products at batches of 5 to 16)
 walks whole rows the same way (ROW_STEPS): S exact at each row's start, then one exp2
 and one rotation a column.
 
@@ -297,29 +299,165 @@ def _batch_tile_dots(dy_f, x_f, b_row, b_col, mask_o, mask_i, B, dy_sb, dy_si, x
 
 
 @triton.jit
-def _column_product(log2_mag, w_re, w_im, x_ptrs, mask, in_si, PRECISION: tl.constexpr):
-    """One grid column's share of a contracted tile: the symbol exp2(log2_mag) (w_re + 1j w_im),
-    (R, K), times the (K, B) spectrum tile at x_ptrs -> the sums t1, t2, t3 of `_complex_dots`.
-    A column past its row's end comes with its spectrum masked to 0; its symbol, the row's
-    extrapolated, may overflow there, making its sums (never stored) inf or nan."""
-    mag = tl.exp2(log2_mag)
-    t1, t2, t3 = _complex_sums((log2_mag.shape[0], x_ptrs.shape[1]), PRECISION)
-    return _complex_dots(mag * w_re, mag * w_im, tl.load(x_ptrs, mask=mask, other=0.0),
-                         tl.load(x_ptrs + in_si, mask=mask, other=0.0), t1, t2, t3, PRECISION, True)
-
-
-@triton.jit
-def _next_column(log2_mag, step, curve, w_re, w_im, rot_re, rot_im):
-    """The symbol's state one grid column on: the log2 magnitude by its differences, the
-    phase factor by one rotation."""
-    return log2_mag + step, step + curve, w_re * rot_re - w_im * rot_im, w_re * rot_im + w_im * rot_re
-
-
-@triton.jit
 def _lane_tree(z0, z1, z2, z3):
     """Four (R, B) tiles as one (R, B, 2, 2) tile whose row-major lane 2a + b holds
     z_(2a + b). Each join adds a minor axis that every thread holds: no data moves."""
     return tl.join(tl.join(z0, z2), tl.join(z1, z3))
+
+
+@triton.jit
+def _dot_layout_zeros(M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """(M, N) zeros made by a dot of PRECISION's operands, so in the register layout of its
+    results. Values computed from them (zeros + a * b + ...) keep that layout, which for
+    the bf16 dots of one warp is also their A operands' layout: a symbol made that way
+    reaches its dots without moving between threads."""
+    a = tl.zeros((M, 16), dtype=tl.float32)
+    b = tl.zeros((16, N), dtype=tl.float32)
+    if PRECISION == "bf16":
+        a, b = a.to(tl.bfloat16), b.to(tl.bfloat16)
+        if _DOT_BF16_AS_FLOAT32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _column_sums(s_re, s_im, x_ptrs, mask, in_si, PRECISION: tl.constexpr):
+    """One grid column's share of a contracted tile: the symbol s_re + 1j s_im (R, K) times the
+    (K, B) spectrum tile at x_ptrs -> the sums t1, t2, t3 of `_complex_dots`. A column past
+    its row's end comes with its spectrum masked to 0; its symbol, the row's extrapolated,
+    may overflow there, making its sums (never stored) inf or nan."""
+    t1, t2, t3 = _complex_sums((s_re.shape[0], x_ptrs.shape[1]), PRECISION)
+    return _complex_dots(s_re, s_im, tl.load(x_ptrs, mask=mask, other=0.0),
+                         tl.load(x_ptrs + in_si, mask=mask, other=0.0), t1, t2, t3, PRECISION, True)
+
+
+@triton.jit
+def _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS: tl.constexpr):
+    """The symbol at the current column of a segment's state (`_next_column`)."""
+    if PRODUCTS:
+        return u0, u1
+    else:
+        mag = tl.exp2(u0)
+        return mag * u3, mag * u4
+
+
+@triton.jit
+def _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS: tl.constexpr):
+    """The state of a segment of a grid row one column on. PRODUCTS: (S, R, q) as
+    (s_re, s_im, r_re, r_im, q, -, -), S_(n+1) = S_n R_n and R_(n+1) = R_n q, six
+    multiplications an entry. Otherwise (lm, st, cu, w_re, w_im, rot_re, rot_im): the
+    log2 magnitude by its differences, the phase factor w by one rotation (S = 2^lm w)."""
+    if PRODUCTS:
+        return u0 * u2 - u1 * u3, u0 * u3 + u1 * u2, u2 * u4, u3 * u4, u4, u5, u6
+    else:
+        return u0 + u1, u1 + u2, u2, u3 * u5 - u4 * u6, u3 * u6 + u4 * u5, u5, u6
+
+
+@triton.jit
+def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, PRODUCTS: tl.constexpr,
+                  LANES: tl.constexpr, PRECISION: tl.constexpr):
+    """The sums t1, t2, t3 of `_complex_dots` of the LANES columns of a segment of a grid
+    row, from the state at its first column (`_next_column`), as one tile each whose lanes
+    are the columns (`_lane_tree`): x points at the first column's spectrum tile, the next
+    ones in_sf apart; mask is the tile's, cols the columns left in the row."""
+    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    p1_0, p2_0, p3_0 = _column_sums(s_re, s_im, x, mask, in_si, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    p1_1, p2_1, p3_1 = _column_sums(s_re, s_im, x + in_sf, mask & (cols > 1), in_si, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    p1_2, p2_2, p3_2 = _column_sums(s_re, s_im, x + 2 * in_sf, mask & (cols > 2), in_si, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    p1_3, p2_3, p3_3 = _column_sums(s_re, s_im, x + 3 * in_sf, mask & (cols > 3), in_si, PRECISION)
+    if LANES == 4:
+        return (_lane_tree(p1_0, p1_1, p1_2, p1_3), _lane_tree(p2_0, p2_1, p2_2, p2_3),
+                _lane_tree(p3_0, p3_1, p3_2, p3_3))
+    else:
+        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        p1_4, p2_4, p3_4 = _column_sums(s_re, s_im, x + 4 * in_sf, mask & (cols > 4), in_si, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        p1_5, p2_5, p3_5 = _column_sums(s_re, s_im, x + 5 * in_sf, mask & (cols > 5), in_si, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        p1_6, p2_6, p3_6 = _column_sums(s_re, s_im, x + 6 * in_sf, mask & (cols > 6), in_si, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+        p1_7, p2_7, p3_7 = _column_sums(s_re, s_im, x + 7 * in_sf, mask & (cols > 7), in_si, PRECISION)
+        # Even lanes 4a + 2b at [a, b] of one tree, odd ones of the other: [a, b, c] is lane 4a + 2b + c.
+        return (tl.join(_lane_tree(p1_0, p1_2, p1_4, p1_6), _lane_tree(p1_1, p1_3, p1_5, p1_7)),
+                tl.join(_lane_tree(p2_0, p2_2, p2_4, p2_6), _lane_tree(p2_1, p2_3, p2_5, p2_7)),
+                tl.join(_lane_tree(p3_0, p3_2, p3_4, p3_6), _lane_tree(p3_1, p3_3, p3_5, p3_7)))
+
+
+@triton.jit
+def _products_in_range(low_ptr, high_ptr, ROW, LANES: tl.constexpr):
+    """Whether the products of `_next_column` (PRODUCTS) hold for every pair on segments of
+    LANES columns of the rfft2 grid's rows of ROW columns, from the extremes over the pairs
+    of a_re's first two planes, low (min c0, min c1) and high (max c0, max c1). Along a row
+    the features (k_x^2, k_x k_y, k_y^2, 1) change by ((2n + 1) dk^2, dk k_y, 0, 0) from
+    column n to n + 1, with dk <= pi / (ROW - 1) and |k_y| <= pi, so the exponent's first
+    differences st = log2(e) (c0 (2n + 1) dk^2 + c1 dk k_y) and second ones cu = log2(e) 2 c0
+    dk^2 have bounds in those extremes. The products stay within float32 rounding while
+    S, the ratios R = 2^st e^(1j ...) and q = 2^cu are normal floats: |st| and |cu| at
+    most 120 keep R and q so, and (LANES - 1) st at most 85 means that S, lost below
+    2^-126, cannot grow back past 2^-41 within a segment. (S past 2^128 is inf on every
+    path.) A PDESSM at its initialization is within these on grids of 32 tokens and
+    more; a diffusion or convection grown large takes the exp2 steps."""
+    c0_low, c1_low = tl.load(low_ptr), tl.load(low_ptr + 1)
+    c0_high, c1_high = tl.load(high_ptr), tl.load(high_ptr + 1)
+    dk = 3.141592653589793 / tl.maximum(ROW - 1, 1)
+    square = tl.maximum(2 * ROW - 3, 0) * dk * dk      # the largest change of k_x^2
+    cross = tl.maximum(c1_high, -c1_low) * 3.141592653589793 * dk
+    st_high = _LOG2E * (tl.maximum(c0_high * square, 0.0) + cross)
+    st_low = _LOG2E * (tl.minimum(c0_low * square, 0.0) - cross)
+    cu = _LOG2E * 2 * dk * dk * tl.maximum(c0_high, -c0_low)
+    return ((LANES - 1) * st_high <= 85.0) & (st_low >= -120.0) & (cu <= 120.0)
+
+
+@triton.jit
+def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
+              coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5,
+              PRODUCTS: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """`_row_contract_kernel`'s loop over the contracted tiles: the sums t1, t2, t3 of
+    `_complex_dots` for its segment, laid out as `_lane_tree` joins them, the symbol of
+    each tile made from the segment's features (`_row_features`: a, b, e) by products
+    or by steps of the log2 magnitude (PRODUCTS, `_next_column`)."""
+    if LANES == 4:
+        t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2), PRECISION)
+    else:
+        t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2, 2), PRECISION)
+    zeros = _dot_layout_zeros(BLOCK_R, BLOCK_K, PRECISION)
+    for k0 in range(0, INNER, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < INNER
+        c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
+        # log2 |S| at the first column, its first and second differences; the phase and its step.
+        lm = zeros + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
+        st = zeros + c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
+        cu = zeros + c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3
+        w_re, w_im = _rotation(zeros + c4 * a4 + c5 * a5, SPECIAL_SINCOS)
+        rot_re, rot_im = _rotation(zeros + c4 * b4 + c5 * b5, SPECIAL_SINCOS)
+        x = x_ptrs + k0 * in_sk
+        mask = mask_k[:, None] & mask_b[None, :]
+        if PRODUCTS:
+            mag, ratio = tl.exp2(lm), tl.exp2(st)
+            d1, d2, d3 = _segment_sums(mag * w_re, mag * w_im, ratio * rot_re, ratio * rot_im, tl.exp2(cu), cu, cu,
+                                       x, mask, cols, in_sf, in_si, True, LANES, PRECISION)
+        else:
+            d1, d2, d3 = _segment_sums(lm, st, cu, w_re, w_im, rot_re, rot_im, x, mask, cols, in_sf, in_si, False,
+                                       LANES, PRECISION)
+        t1 += d1
+        t2 += d2
+        if PRECISION != "bf16":
+            t3 += d3
+    return t1, t2, t3
 
 
 #################################################################################
@@ -380,7 +518,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
 
 
 @triton.jit
-def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
+def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_ptr, high_ptr,
                          F, B, ROWS, INNER, ROW,
                          in_sg, in_sf, in_sk, in_sb, in_si, out_sg, out_sf, out_sr, out_sb, out_si,
                          coef_s6, coef_sg, coef_sr, coef_sk,
@@ -389,16 +527,19 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
                          BLOCK_B: tl.constexpr):
     """`_contract_kernel` with the symbol stepped along the rows of the rfft2 grid, ROW
     frequencies a row, along which phi_re is quadratic and phi_im linear in the column.
-    A program takes LANES (4 or 8) consecutive columns of one row. For each contracted
-    tile it makes the symbol exactly at the first column and steps it to the next ones:
-    the log2 magnitude by its first and second differences, the phase factor by one
-    complex rotation. The first column costs five special functions per entry (exp2,
-    sin and cos, and the rotation's), the others one (exp2): 1.5 per entry over 8
-    columns instead of the three that bound `_contract_kernel` at small batches. Each
-    column's symbol feeds its own 2D dot (through shared memory: Triton does not make a
-    value that several dots use in their operand layout), and the columns' sums ride
-    along as one tile with minor lane axes (`_lane_tree`). Columns past the row's end
-    are masked (a branch around their work was slower)."""
+    A program takes a segment of LANES (4 or 8) consecutive columns of one row. For each
+    contracted tile it makes the symbol S_0 exactly at the first column, the ratio R_0 =
+    S_1 / S_0 and the ratio's own factor q = R_1 / R_0 (real: the phase is linear in the
+    column), five special functions an entry, and multiplies along the segment: S_(n+1)
+    = S_n R_n, R_(n+1) = R_n q, six multiplications an entry a column and no special
+    function. That needs the ratios within float32's range (`_products_in_range`, from
+    the extremes of the coefficients at low_ptr and high_ptr); otherwise the symbol steps
+    its log2 magnitude by its differences, with one exp2 an entry a column, and its phase
+    factor by a rotation. The symbol is made in the layout of the dots' results
+    (`_dot_layout_zeros`), which for the bf16 dots is their operands' too. Each column
+    has its own 2D dot, and the columns' sums ride along as one tile with minor lane
+    axes (`_lane_tree`). Columns past the row's end are masked (a branch around their
+    work was slower)."""
     pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_tiles = tl.cdiv(B, BLOCK_B)
     g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
@@ -416,48 +557,14 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
     cols = ROW - col0      # columns of this row from col0 on; the lanes past them are masked
     a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5 = _row_features(phi_re_ptr, phi_im_ptr, f0,
                                                                                    cols, F, ADJOINT)
-    # The columns' sums, laid out as `_lane_tree` joins them.
-    if LANES == 4:
-        t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2), PRECISION)
+    if _products_in_range(low_ptr, high_ptr, ROW, LANES):
+        t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
+                               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5,
+                               b4, b5, True, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
     else:
-        t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2, 2), PRECISION)
-    for k0 in range(0, INNER, BLOCK_K):
-        k = k0 + offs_k
-        mask_k = k < INNER
-        c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
-        lm = c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
-        st = c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
-        cu = c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3
-        wr, wi = _rotation(c4 * a4 + c5 * a5, SPECIAL_SINCOS)
-        rr, ri = _rotation(c4 * b4 + c5 * b5, SPECIAL_SINCOS)
-        x = x_ptrs + k0 * in_sk
-        mask = mask_k[:, None] & mask_b[None, :]
-        p1_0, p2_0, p3_0 = _column_product(lm, wr, wi, x, mask, in_si, PRECISION)
-        lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-        p1_1, p2_1, p3_1 = _column_product(lm, wr, wi, x + in_sf, mask & (cols > 1), in_si, PRECISION)
-        lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-        p1_2, p2_2, p3_2 = _column_product(lm, wr, wi, x + 2 * in_sf, mask & (cols > 2), in_si, PRECISION)
-        lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-        p1_3, p2_3, p3_3 = _column_product(lm, wr, wi, x + 3 * in_sf, mask & (cols > 3), in_si, PRECISION)
-        if LANES == 4:
-            t1 += _lane_tree(p1_0, p1_1, p1_2, p1_3)
-            t2 += _lane_tree(p2_0, p2_1, p2_2, p2_3)
-            if PRECISION != "bf16":
-                t3 += _lane_tree(p3_0, p3_1, p3_2, p3_3)
-        else:
-            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-            p1_4, p2_4, p3_4 = _column_product(lm, wr, wi, x + 4 * in_sf, mask & (cols > 4), in_si, PRECISION)
-            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-            p1_5, p2_5, p3_5 = _column_product(lm, wr, wi, x + 5 * in_sf, mask & (cols > 5), in_si, PRECISION)
-            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-            p1_6, p2_6, p3_6 = _column_product(lm, wr, wi, x + 6 * in_sf, mask & (cols > 6), in_si, PRECISION)
-            lm, st, wr, wi = _next_column(lm, st, cu, wr, wi, rr, ri)
-            p1_7, p2_7, p3_7 = _column_product(lm, wr, wi, x + 7 * in_sf, mask & (cols > 7), in_si, PRECISION)
-            # Even lanes 4a + 2b at [a, b] of one tree, odd ones of the other: [a, b, c] is lane 4a + 2b + c.
-            t1 += tl.join(_lane_tree(p1_0, p1_2, p1_4, p1_6), _lane_tree(p1_1, p1_3, p1_5, p1_7))
-            t2 += tl.join(_lane_tree(p2_0, p2_2, p2_4, p2_6), _lane_tree(p2_1, p2_3, p2_5, p2_7))
-            if PRECISION != "bf16":
-                t3 += tl.join(_lane_tree(p3_0, p3_2, p3_4, p3_6), _lane_tree(p3_1, p3_3, p3_5, p3_7))
+        t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
+                               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5,
+                               b4, b5, False, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
 
     y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
     lanes = tl.arange(0, LANES)
@@ -616,12 +723,14 @@ RANK1_MAX_BATCH = 4
 
 # Products of bf16 spectra of at most ROW_MAX_BATCH batch entries on grids of at least
 # ROW_MIN_WIDTH rfft2 columns (32 tokens wide) take `_row_contract_kernel`: on an H200
-# (bf16, 16 rows on one warp, 8 columns) it took 11.63 ms against 15.48 for
-# `_contract_kernel` at C = 1152, batch 4, 128x128 grid, 3.29 against 3.95 on 64x64,
-# 1.35 against 1.75 at C = 384, batch 4, 128x128, 0.408 against 0.447 at batch 8 on
-# 64x64; 0.136 against 0.140 at batch 8 on 32x32 (4 columns), 0.559 against 0.568 at
-# batch 16 on 64x64, and 0.052 against 0.050 at batch 4 on 16x16. In tf32 it gained
-# at most 8% (1.85 against 2.01 ms at C = 384, batch 4, 128x128) and lost at 32x32.
+# (bf16, 16 rows on one warp, 8 columns, the symbol stepped by exp2 and rotations) it
+# took 11.63 ms against 15.48 for `_contract_kernel` at C = 1152, batch 4, 128x128 grid,
+# 3.29 against 3.95 on 64x64, 1.35 against 1.75 at C = 384, batch 4, 128x128, 0.408
+# against 0.447 at batch 8 on 64x64; 0.136 against 0.140 at batch 8 on 32x32 (4
+# columns), 0.559 against 0.568 at batch 16 on 64x64, and 0.052 against 0.050 at batch
+# 4 on 16x16. In tf32 it gained at most 8% (1.85 against 2.01 ms at C = 384, batch 4,
+# 128x128) and lost at 32x32. The symbol's products took it from 11.5 to 9.9 ms at
+# C = 1152, batch 4, 128x128 (H100).
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
@@ -756,9 +865,13 @@ def _row_tiles(B, width):
     3.60 and 3.68 for 32 rows on 2 warps and 5.43 and 4.64 for 64 rows on 4 (exact
     symbol: 3.95). Rows of at most 32 columns take 4 (fewer masked past the row's end):
     0.135 against 0.144 ms at C = 384, batch 8, 32x32. One load stage was slower (3.65
-    ms), three about even (3.41)."""
-    return dict(BLOCK_F=8 if width > 32 else 4, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64),
-                num_warps=1, num_stages=2, maxnreg=None)
+    ms), three about even (3.41). With the symbol's products (H100), three stages were 1-3%
+    faster than two with 8 columns (2.72 against 2.81 ms at C = 1152, batch 4, 64x64) and
+    up to 15% slower with 4 (0.153 against 0.131 at C = 384, batch 8, 32x32); one stage
+    was 30-50% slower, and a cap of 200 registers 15% slower."""
+    lanes = 8 if width > 32 else 4
+    return dict(BLOCK_F=lanes, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64), num_warps=1,
+                num_stages=3 if lanes == 8 else 2, maxnreg=None)
 
 
 def _with_overrides(defaults, tiles, contracted):
@@ -824,7 +937,7 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
     steps = _row_steps(B, width, precision, tiles)
     if adjoint:
         coef = coef.transpose(2, 3).contiguous()     # (6, G, Ci, Co): S^H's rows are S's columns
-    args = (dst, src, coef, phi_re, phi_im, F, B, rows, inner)
+    sizes = (F, B, rows, inner)
     strides = (*src.stride(), *dst.stride(), *coef.stride())
     options = dict(ADJOINT=adjoint, PRECISION=precision, SPECIAL_SINCOS=_special_sincos(precision))
     if steps:
@@ -833,13 +946,16 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
         if lanes not in (4, 8):
             raise ValueError(f"the symbol's steps along the grid rows (tiles ROW_STEPS) take BLOCK_F 4 or 8 grid "
                              f"columns; got BLOCK_F {lanes}")
+        # The extremes over all pairs of a_re's planes of k_x^2 and k_x k_y (`_products_in_range`).
+        low, high = torch.aminmax(coef[:2].reshape(2, -1), dim=1)
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), F // width * triton.cdiv(width, lanes),
                 G * triton.cdiv(B, cfg["BLOCK_B"]))
-        _row_contract_kernel[grid](*args, width, *strides, LANES=lanes, **options, **cfg)
+        _row_contract_kernel[grid](dst, src, coef, phi_re, phi_im, low, high, *sizes, width, *strides, LANES=lanes,
+                                   **options, **cfg)
     else:
         cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))
-        _contract_kernel[grid](*args, *strides, **options, **cfg)
+        _contract_kernel[grid](dst, src, coef, phi_re, phi_im, *sizes, *strides, **options, **cfg)
     return dst
 
 
@@ -973,8 +1089,8 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     width: phi_re and phi_im are the rfft2 grid of `pde_ssm._frequency_features`, row by
     row, width (W // 2 + 1) frequencies a row. Then the products of bf16 spectra of at
     most ROW_MAX_BATCH batch entries on rows of at least ROW_MIN_WIDTH step the symbol
-    along the rows (`_row_contract_kernel`: 1.5 special functions per symbol entry
-    instead of three, and an error of about 1e-6 more), and so does the coefficient
+    along the rows (`_row_contract_kernel`: at most 1.5 special functions per symbol
+    entry instead of three, and an error of about 1e-6 more), and so does the coefficient
     gradient of bf16 spectra on any grid and of tf32 products at batches over
     RANK1_MAX_BATCH up to TF32_GRAD_ROW_MAX_BATCH (one exp2 and a rotation per entry,
     rows restarted exactly; an error of about 1e-5 relative on 65-column rows, against

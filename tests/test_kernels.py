@@ -62,13 +62,15 @@ def forward_backward(product, x, a_re, a_im, phi_re, phi_im, weight):
     return y.detach(), x.grad, a_re.grad, a_im.grad
 
 
-def check_against_reference(groups, c_out, c_in, grid_size, batch, tol, x_layout=None, product=None, **options):
+def check_against_reference(groups, c_out, c_in, grid_size, batch, tol, x_layout=None, product=None, exponent=None,
+                            **options):
     """Fused float32 on DEVICE (sp.spectral_product, or product) vs the reference in
-    float64: y, grad_x, grad_a_re, grad_a_im."""
+    float64: y, grad_x, grad_a_re, grad_a_im; the exponent's coefficients (a_re, a_im) from
+    `coefficients` unless given."""
     product = product or sp.spectral_product
     H, W = grid_size
     F = H * (W // 2 + 1)
-    a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
+    a_re, a_im = exponent or coefficients(groups, c_out, c_in, DEVICE)
     phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float64)
     x = torch.randn(groups, F, c_in, batch, dtype=torch.complex128, device=DEVICE)
     weight = torch.randn(groups, F, c_out, batch, dtype=torch.complex128, device=DEVICE)
@@ -183,6 +185,65 @@ def test_row_steps_match_reference(grid_size, lanes):
     # float64 reference.
     check_against_reference(2, 6, 20, grid_size, 3, 2e-5, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
                             input_precision="ieee", width=grid_size[1] // 2 + 1)
+
+
+@runs_here
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_row_products_out_of_range_take_exp2_steps(lanes):
+    # tau K = 100 [[1, -1], [-1, 1]] (a diffusion along the diagonal) on a 16x16 grid: on the
+    # row k_y = m dk, |S| peaks at column m and is below 2^-126 four columns before it, so
+    # the products along a segment would lose it (S_0 flushed to 0 stays 0). The row
+    # kernel must see that (`_products_in_range`) and step the log2 magnitude instead (the
+    # products give nan here: 0 times an overflowed ratio). The exponent's terms reach a
+    # few thousand and cancel along the diagonal, which float32 resolves to about 1e-4 in
+    # the coefficient gradient.
+    shape = (1, 2, 2)
+    K = 100.0 * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64).expand(shape + (2, 2))
+    b = torch.randn(shape + (2,), dtype=torch.float64)
+    r = 0.1 * torch.randn(shape, dtype=torch.float64)
+    exponent = [t.to(DEVICE) for t in pde_ssm.exponent_coefficients(K, b, r, torch.ones(shape, dtype=torch.float64))]
+    check_against_reference(1, 2, 2, (16, 16), 3, 1e-3, exponent=exponent, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
+                            input_precision="ieee", width=9)
+
+
+@triton.jit
+def _products_in_range_kernel(low_ptr, high_ptr, out_ptr, ROW, LANES: tl.constexpr):
+    tl.store(out_ptr, sp._products_in_range(low_ptr, high_ptr, ROW, LANES).to(tl.int32))
+
+
+@runs_here
+@pytest.mark.parametrize("size,lanes", [(32, 4), (64, 8), (128, 8)])
+def test_products_in_range_bounds_the_grid(size, lanes):
+    # `_products_in_range` bounds the exponent's differences along the rows in closed form.
+    # Where it says in range, the differences computed on the grid (float64) are within its
+    # limits; it says so for a PDESSM at initialization (sigma up to 8 tokens) and for the
+    # tests' coefficients, and not for those grown 30 times.
+    width = size // 2 + 1
+    phi_re, _ = pde_ssm._frequency_features((size, size), DEVICE, torch.float64)
+
+    def in_range(a_re):
+        coef = a_re.float().movedim(-1, 0)
+        low, high = torch.aminmax(coef[:2].reshape(2, -1), dim=1)
+        out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        _products_in_range_kernel[(1,)](low, high, out, width, LANES=lanes)
+        return bool(out.item())
+
+    def on_grid(a_re):
+        log2_mag = (a_re.reshape(-1, 4).double() @ phi_re.T).reshape(-1, size, width) * math.log2(math.e)
+        st = log2_mag.diff(dim=-1)
+        cu = st.diff(dim=-1)
+        return (lanes - 1) * st.max() <= 85 and st.min() >= -120 and cu.abs().max() <= 120
+
+    torch.manual_seed(0)
+    module = pde_ssm.PDESSM(64, coupling="pairwise")
+    initial = pde_ssm.exponent_coefficients(*(p.double() for p in module.pde_parameters()))[0].detach().to(DEVICE)
+    tests = coefficients(1, 16, 16, DEVICE)[0]
+    assert in_range(initial) and in_range(tests)
+    assert not in_range(30 * tests)
+    for scale in (1, 3, 10, 30, 100):
+        for a_re in (scale * initial, scale * tests):
+            if in_range(a_re):
+                assert on_grid(a_re), scale
 
 
 @runs_here
