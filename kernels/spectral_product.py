@@ -27,10 +27,10 @@ sin, cos per entry). On the rows of the rfft2 grid the exponent is quadratic in 
 column, so `_row_contract_kernel` makes S exactly at a program's first column and
 multiplies it along the row by a ratio that is itself multiplied by a constant (no
 special function after the first column), or, where those products could leave
-float32's range, steps the log magnitude by its differences (one exp2 a column) and the
-phase by a rotation. The coefficient gradient of bf16 spectra (and of tf32 products at batches of 5 to 16)
-walks whole rows the same way (ROW_STEPS): S exact at each row's start, then one exp2
-and one rotation a column.
+float32's range, steps the log magnitude by its differences (one exp2 a column) and
+the phase by a rotation. The coefficient gradient of bf16 spectra (and of tf32
+products at batches of 5 to 16) walks whole rows the latter way (ROW_STEPS): S exact
+at each row's start, then one exp2 and one rotation a column.
 
 Spectra are read and written as float32 or bf16 (re, im) views of any strides:
 interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
@@ -868,7 +868,7 @@ def _row_tiles(B, width):
     ms), three about even (3.41). With the symbol's products (H100), three stages were 1-3%
     faster than two with 8 columns (2.72 against 2.81 ms at C = 1152, batch 4, 64x64) and
     up to 15% slower with 4 (0.153 against 0.131 at C = 384, batch 8, 32x32); one stage
-    was 30-50% slower, and a cap of 200 registers 15% slower."""
+    was 40-55% slower, and a cap of 200 registers 15-18% slower."""
     lanes = 8 if width > 32 else 4
     return dict(BLOCK_F=lanes, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64), num_warps=1,
                 num_stages=3 if lanes == 8 else 2, maxnreg=None)
