@@ -356,39 +356,42 @@ def _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS: tl.constexpr):
 
 
 @triton.jit
+def _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si, PRODUCTS: tl.constexpr, PRECISION: tl.constexpr):
+    """A column's sums (`_column_sums`, its spectrum tile at x under mask) from a segment's
+    state there, and the state one column on (`_next_column`)."""
+    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    p1, p2, p3 = _column_sums(s_re, s_im, x, mask, in_si, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
+    return u0, u1, u2, u3, u4, u5, u6, p1, p2, p3
+
+
+@triton.jit
 def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, PRODUCTS: tl.constexpr,
                   LANES: tl.constexpr, PRECISION: tl.constexpr):
     """The sums t1, t2, t3 of `_complex_dots` of the LANES columns of a segment of a grid
     row, from the state at its first column (`_next_column`), as one tile each whose lanes
     are the columns (`_lane_tree`): x points at the first column's spectrum tile, the next
     ones in_sf apart; mask is the tile's, cols the columns left in the row."""
-    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    p1_0, p2_0, p3_0 = _column_sums(s_re, s_im, x, mask, in_si, PRECISION)
-    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    p1_1, p2_1, p3_1 = _column_sums(s_re, s_im, x + in_sf, mask & (cols > 1), in_si, PRECISION)
-    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    p1_2, p2_2, p3_2 = _column_sums(s_re, s_im, x + 2 * in_sf, mask & (cols > 2), in_si, PRECISION)
-    u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    p1_3, p2_3, p3_3 = _column_sums(s_re, s_im, x + 3 * in_sf, mask & (cols > 3), in_si, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_0, p2_0, p3_0 = _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si, PRODUCTS,
+                                                           PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_1, p2_1, p3_1 = _column(u0, u1, u2, u3, u4, u5, u6, x + in_sf, mask & (cols > 1),
+                                                           in_si, PRODUCTS, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_2, p2_2, p3_2 = _column(u0, u1, u2, u3, u4, u5, u6, x + 2 * in_sf,
+                                                           mask & (cols > 2), in_si, PRODUCTS, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_3, p2_3, p3_3 = _column(u0, u1, u2, u3, u4, u5, u6, x + 3 * in_sf,
+                                                           mask & (cols > 3), in_si, PRODUCTS, PRECISION)
     if LANES == 4:
         return (_lane_tree(p1_0, p1_1, p1_2, p1_3), _lane_tree(p2_0, p2_1, p2_2, p2_3),
                 _lane_tree(p3_0, p3_1, p3_2, p3_3))
     else:
-        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        p1_4, p2_4, p3_4 = _column_sums(s_re, s_im, x + 4 * in_sf, mask & (cols > 4), in_si, PRECISION)
-        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        p1_5, p2_5, p3_5 = _column_sums(s_re, s_im, x + 5 * in_sf, mask & (cols > 5), in_si, PRECISION)
-        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        p1_6, p2_6, p3_6 = _column_sums(s_re, s_im, x + 6 * in_sf, mask & (cols > 6), in_si, PRECISION)
-        u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-        p1_7, p2_7, p3_7 = _column_sums(s_re, s_im, x + 7 * in_sf, mask & (cols > 7), in_si, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6, p1_4, p2_4, p3_4 = _column(u0, u1, u2, u3, u4, u5, u6, x + 4 * in_sf,
+                                                               mask & (cols > 4), in_si, PRODUCTS, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6, p1_5, p2_5, p3_5 = _column(u0, u1, u2, u3, u4, u5, u6, x + 5 * in_sf,
+                                                               mask & (cols > 5), in_si, PRODUCTS, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6, p1_6, p2_6, p3_6 = _column(u0, u1, u2, u3, u4, u5, u6, x + 6 * in_sf,
+                                                               mask & (cols > 6), in_si, PRODUCTS, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6, p1_7, p2_7, p3_7 = _column(u0, u1, u2, u3, u4, u5, u6, x + 7 * in_sf,
+                                                               mask & (cols > 7), in_si, PRODUCTS, PRECISION)
         # Even lanes 4a + 2b at [a, b] of one tree, odd ones of the other: [a, b, c] is lane 4a + 2b + c.
         return (tl.join(_lane_tree(p1_0, p1_2, p1_4, p1_6), _lane_tree(p1_1, p1_3, p1_5, p1_7)),
                 tl.join(_lane_tree(p2_0, p2_2, p2_4, p2_6), _lane_tree(p2_1, p2_3, p2_5, p2_7)),
