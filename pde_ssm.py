@@ -695,8 +695,8 @@ class PDESSM(nn.Module):
         weight, bias = gammas @ self.R.weight, gammas @ self.R.bias
         u = F.linear(x, weight.to(x.dtype), bias.to(x.dtype))                  # (B, N, 3C)
         if _dense_transforms(u, self.coupling):
-            h = dense_mix(u, *self.pde_parameters(), (H, W))
-            return self.proj(h.to(x.dtype))
+            # h comes in u's dtype (autocast's): proj takes it as it is, with no round trip through x's.
+            return self.proj(dense_mix(u, *self.pde_parameters(), (H, W)))
         u = u.transpose(1, 2).reshape(B, 3 * C, H, W)
         with torch.autocast(x.device.type, enabled=False):
             dtype = _float32_fft_dtype(u)
