@@ -383,6 +383,20 @@ def dft_factors(grid_size, device=None, dtype=torch.float32):
     return (M_x.to(dtype), M_y.to(dtype)), (N_y.to(dtype), N_x.to(dtype))
 
 
+def _planar_symbol(K, b, r, tau, grid_size):
+    """`pde_symbol` of the diagonal coupling as its real and imaginary parts, each (F, C)
+    with the frequencies row by row on the rfft2 grid, as `dense_mix` multiplies them into
+    the planar spectrum. K (C, 2, 2), b (C, 2), r (C), tau (C). Real elementwise arithmetic
+    only: no complex tensor, no transpose, and no matrix product that autocast would round,
+    so torch.compile fuses all of it into the product."""
+    a_re, a_im = exponent_coefficients(K, b, r, tau)                        # (C, 4), (C, 2)
+    phi_re, phi_im = _once(_cached_frequency_features, tuple(grid_size), K.device, K.dtype)
+    exponent = a_re[:, 3] + sum(phi_re[:, k, None] * a_re[:, k] for k in range(3))
+    phase = phi_im[:, 0, None] * a_im[:, 0] + phi_im[:, 1, None] * a_im[:, 1]
+    magnitude = torch.exp(exponent)
+    return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+
+
 def dense_mix(u, K, b, r, tau, grid_size):
     """Steps 2-3 of Algorithm 1 with the transforms as dense matrix products
     (`dft_matrices`, or `dft_factors` on larger grids: SEPARABLE_TRANSFORMS) instead of
@@ -417,8 +431,8 @@ def dense_mix(u, K, b, r, tau, grid_size):
     v = v.view(B, 2, F, C)
     if K.dim() == 3:  # diagonal: each channel's spectrum times its own symbol
         v = v.to(torch.float64 if K.dtype == torch.float64 else torch.float32)
-        s = pde_symbol(K, b, r, tau, grid_size).reshape(C, F).T              # (F, C)
-        y = torch.stack([s.real * v[:, 0] - s.imag * v[:, 1], s.real * v[:, 1] + s.imag * v[:, 0]], 1)
+        s_re, s_im = _planar_symbol(K, b, r, tau, grid_size)                 # (F, C) each
+        y = torch.stack([s_re * v[:, 0] - s_im * v[:, 1], s_re * v[:, 1] + s_im * v[:, 0]], 1)
     else:
         a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
         groups, c_out, c_in = a_re.shape[:3]
