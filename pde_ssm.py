@@ -384,11 +384,11 @@ def dft_factors(grid_size, device=None, dtype=torch.float32):
 
 
 def _planar_symbol(K, b, r, tau, grid_size):
-    """`pde_symbol` of the diagonal coupling as its real and imaginary parts, each (F, C)
-    with the frequencies row by row on the rfft2 grid, as `dense_mix` multiplies them into
-    the planar spectrum. K (C, 2, 2), b (C, 2), r (C), tau (C). Real elementwise arithmetic
-    only: no complex tensor, no transpose, and no matrix product that autocast would round,
-    so torch.compile fuses all of it into the product."""
+    """`pde_symbol` (Eq. 10) of the diagonal coupling as its real and imaginary parts, each
+    (F, C) with the frequencies row by row on the rfft2 grid, as `dense_mix` multiplies
+    them into the planar spectrum. K (C, 2, 2), b (C, 2), r (C), tau (C). Real elementwise
+    arithmetic only: no complex tensor, no transpose, and no matrix product that autocast
+    would round, so torch.compile fuses all of it into the product."""
     a_re, a_im = exponent_coefficients(K, b, r, tau)                        # (C, 4), (C, 2)
     phi_re, phi_im = _once(_cached_frequency_features, tuple(grid_size), K.device, K.dtype)
     exponent = a_re[:, 3] + sum(phi_re[:, k, None] * a_re[:, k] for k in range(3))
