@@ -59,9 +59,10 @@ PAIRWISE_CPU_CHUNK_ELEMENTS = 1 << 18
 # larger ones are regenerated chunk by chunk, so memory stays bounded either way.
 PAIRWISE_SAVED_SYMBOL_ELEMENTS = 1 << 24
 
-# The pairwise/grouped product runs as the fused Triton kernel of kernels/ (True), as
-# the PyTorch reference `_GroupedSpectralProduct` below (False), or, when None, fused
-# wherever it applies (complex64 on CUDA with Triton installed).
+# The symbol products run as the fused Triton kernels of kernels/ (True), as the PyTorch
+# references below (False: `_GroupedSpectralProduct` for the pairwise/grouped product,
+# `_diagonal_product`'s own for the diagonal one of `dense_mix`), or, when None, fused
+# wherever they apply (complex64, or its float32 or bf16 view, on CUDA with Triton).
 FUSED_SPECTRAL_PRODUCT = None
 
 # The mixer's transforms as dense matrix products (True: `dense_mix`, from the tokens
@@ -265,11 +266,11 @@ def _grouped_operands(K, b, r, tau, grid_size):
     if K.dim() == 4:
         K, b, r, tau = K[None], b[None], r[None], tau[None]
     a_re, a_im = exponent_coefficients(K, b, r, tau)
-    return (a_re, a_im) + _once(_cached_frequency_features, tuple(grid_size), K.device, K.dtype)
+    return (a_re, a_im) + _cached_frequency_features(grid_size, K.device, K.dtype)
 
 
 def _fused(x):
-    """Whether the grouped product of spectrum x runs as the fused kernel (FUSED_SPECTRAL_PRODUCT)."""
+    """Whether a symbol product of spectrum x runs as a fused kernel (FUSED_SPECTRAL_PRODUCT)."""
     return kernels.fused_spectral_product_applies(x) if FUSED_SPECTRAL_PRODUCT is None else FUSED_SPECTRAL_PRODUCT
 
 
@@ -384,17 +385,31 @@ def dft_factors(grid_size, device=None, dtype=torch.float32):
 
 
 def _planar_symbol(K, b, r, tau, grid_size):
-    """`pde_symbol` (Eq. 10) of the diagonal coupling as its real and imaginary parts, each
-    (F, C) with the frequencies row by row on the rfft2 grid, as `dense_mix` multiplies
-    them into the planar spectrum. K (C, 2, 2), b (C, 2), r (C), tau (C). Real elementwise
-    arithmetic only: no complex tensor, no transpose, and no matrix product that autocast
-    would round, so torch.compile fuses all of it into the product."""
+    """`pde_symbol` (Eq. 10) of the diagonal coupling as one (2, F, C) tensor, its real and
+    imaginary parts with the frequencies row by row on the rfft2 grid, as `dense_mix`
+    multiplies it into the planar spectrum. K (C, 2, 2), b (C, 2), r (C), tau (C). Real
+    elementwise arithmetic only: no complex tensor, no transpose, and no matrix product
+    that autocast would round."""
     a_re, a_im = exponent_coefficients(K, b, r, tau)                        # (C, 4), (C, 2)
-    phi_re, phi_im = _once(_cached_frequency_features, tuple(grid_size), K.device, K.dtype)
-    exponent = a_re[:, 3] + sum(phi_re[:, k, None] * a_re[:, k] for k in range(3))
+    phi_re, phi_im = _cached_frequency_features(grid_size, K.device, K.dtype)
+    exponent = (phi_re[:, 0, None] * a_re[:, 0] + phi_re[:, 1, None] * a_re[:, 1]
+                + phi_re[:, 2, None] * a_re[:, 2] + a_re[:, 3])
     phase = phi_im[:, 0, None] * a_im[:, 0] + phi_im[:, 1, None] * a_im[:, 1]
     magnitude = torch.exp(exponent)
-    return magnitude * torch.cos(phase), magnitude * torch.sin(phase)
+    return torch.stack([magnitude * torch.cos(phase), magnitude * torch.sin(phase)])
+
+
+def _diagonal_product(v, s):
+    """y = s v, complex, at every frequency and channel of every image (Eq. 9 with the
+    diagonal coupling), on planar spectra: v (B, 2, F, C) of any float dtype, s (2, F, C)
+    as `_planar_symbol` makes it -> y (B, 2, F, C) in v's dtype, multiplied in s's.
+    Where the fused kernels run (`_fused`) the Triton kernel of kernels/diagonal_product.py,
+    which makes no copy of v and reads the symbol once for all images; this is its reference."""
+    if s.dtype == torch.float32 and _fused(v):
+        from kernels.diagonal_product import diagonal_product  # imports Triton only when used
+        return diagonal_product(v, s)
+    w = v.to(s.dtype)
+    return torch.stack([s[0] * w[:, 0] - s[1] * w[:, 1], s[0] * w[:, 1] + s[1] * w[:, 0]], 1).to(v.dtype)
 
 
 def dense_mix(u, K, b, r, tau, grid_size):
@@ -408,13 +423,15 @@ def dense_mix(u, K, b, r, tau, grid_size):
     at u's dtype (autocast's) and the symbol product in float32 (float64 for float64),
     but for the fused pairwise and heads product on a bf16 spectrum (bf16 autocast),
     which reads and writes it in bf16 and multiplies in bf16 dots with float32 sums,
-    as autocast runs matrix products (`_grouped_product`). The spectrum goes from one
-    product to the next in the (B, re/im, F, C) layout, which the fused product reads
-    and writes as it is: no transposes, casts to complex or complex elementwise passes
-    (nor, under bf16 autocast, casts to float32). The products cost O(N^2 C) per image, or
-    O(N^1.5 C) separable, against O(N log N C) for the FFTs, but they run on the tensor
-    cores in autocast's dtype; on an H200 the separable ones were faster than the FFT
-    route on every grid measured, up to 256 x 256 tokens (BENCHMARKS.md).
+    as autocast runs matrix products (`_grouped_product`); the diagonal product
+    multiplies in float32 and hands back u's dtype (`_diagonal_product`). The spectrum
+    goes from one product to the next in the (B, re/im, F, C) layout, which the fused
+    products read and write as it is: no transposes, casts to complex or complex
+    elementwise passes (nor, under bf16 autocast, casts to float32). The products cost
+    O(N^2 C) per image, or O(N^1.5 C) separable, against O(N log N C) for the FFTs, but
+    they run on the tensor cores in autocast's dtype; on an H200 the separable ones were
+    faster than the FFT route on every grid measured, up to 256 x 256 tokens
+    (BENCHMARKS.md).
     """
     B, N, C3 = u.shape
     H, W = grid_size
@@ -422,17 +439,15 @@ def dense_mix(u, K, b, r, tau, grid_size):
     F, C = H * Wr, C3 // 3
     separable = N > FULL_TRANSFORM_MAX_TOKENS if SEPARABLE_TRANSFORMS is None else SEPARABLE_TRANSFORMS
     if separable:
-        (M_x, M_y), (N_y, N_x) = _once(_cached_dft_factors, tuple(grid_size), u.device, u.dtype)
+        (M_x, M_y), (N_y, N_x) = _cached_dft_factors(grid_size, u.device, u.dtype)
         v = M_x @ u.reshape(B * H, 3 * W, C)                                  # (BH, (re/im, a/c, Wr), C)
         v = M_y @ v.reshape(B, 4 * H, Wr * C)                                 # (B, 2F, C)
     else:
-        M, M_inv = _once(_cached_dft_matrices, tuple(grid_size), u.device, u.dtype)
+        M, M_inv = _cached_dft_matrices(grid_size, u.device, u.dtype)
         v = M @ u.reshape(B, 3 * N, C)                                        # (B, 2F, C)
     v = v.view(B, 2, F, C)
     if K.dim() == 3:  # diagonal: each channel's spectrum times its own symbol
-        v = v.to(torch.float64 if K.dtype == torch.float64 else torch.float32)
-        s_re, s_im = _planar_symbol(K, b, r, tau, grid_size)                 # (F, C) each
-        y = torch.stack([s_re * v[:, 0] - s_im * v[:, 1], s_re * v[:, 1] + s_im * v[:, 0]], 1)
+        y = _diagonal_product(v, _planar_symbol(K, b, r, tau, grid_size))    # (B, 2, F, C)
     else:
         a_re, a_im, phi_re, phi_im = _grouped_operands(K, b, r, tau, grid_size)
         groups, c_out, c_in = a_re.shape[:3]
@@ -448,39 +463,41 @@ def dense_mix(u, K, b, r, tau, grid_size):
     return M_inv @ y
 
 
-def _once(cached, *args):
-    """cached(*args) for an lru_cache of a pure function below. Under torch.compile its
-    wrapped function instead, which dynamo traces into the graph (it would skip the
-    cache anyway, with a warning)."""
-    return cached.__wrapped__(*args) if torch.compiler.is_compiling() else cached(*args)
+def _constant(build):
+    """build(grid_size, device, dtype), a pure function of its arguments, as a cached
+    constant: made once per grid, device and dtype (as ordinary tensors even when first
+    asked for under inference mode, so that a product saves them for its backward).
+    Under torch.compile dynamo calls it while tracing and puts what it returns into the
+    graph as constants, so a compiled model does not make them again on every call."""
+    cached = functools.lru_cache(maxsize=16)(build)
+
+    @torch.compiler.assume_constant_result
+    @functools.wraps(build)
+    def constant(grid_size, device, dtype):
+        with torch.inference_mode(False):
+            return cached(tuple(grid_size), device, dtype)
+    return constant
 
 
-@functools.lru_cache(maxsize=16)
+@_constant
 def _cached_frequency_features(grid_size, device, dtype):
-    """`_frequency_features`, made once per grid, device and dtype (ordinary tensors even
-    under inference mode, so that a product saves them for its backward)."""
-    with torch.inference_mode(False):
-        return _frequency_features(grid_size, device, dtype)
+    """`_frequency_features` as a `_constant`."""
+    return _frequency_features(grid_size, device, dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@_constant
 def _cached_dft_matrices(grid_size, device, dtype):
-    """`dft_matrices` as (2F, 3N) and (N, 2F) matrices, made once per grid, device and dtype
-    (as ordinary tensors even when first asked for under inference mode)."""
-    with torch.inference_mode(False):
-        M, M_inv = dft_matrices(grid_size, device, dtype)
-        return M.reshape(M.shape[1] * 2, -1), M_inv.reshape(M_inv.shape[0], -1)
+    """`dft_matrices` as (2F, 3N) and (N, 2F) matrices, a `_constant`."""
+    M, M_inv = dft_matrices(grid_size, device, dtype)
+    return M.reshape(M.shape[1] * 2, -1), M_inv.reshape(M_inv.shape[0], -1)
 
 
-@functools.lru_cache(maxsize=16)
+@_constant
 def _cached_dft_factors(grid_size, device, dtype):
-    """`dft_factors` as matrices ((4 Wr, 3W), (2H, 4H)) and ((2H, 2H), (W, 2 Wr)), made once
-    per grid, device and dtype (ordinary tensors even under inference mode)."""
-    with torch.inference_mode(False):
-        (M_x, M_y), (N_y, N_x) = dft_factors(grid_size, device, dtype)
-        H, W = grid_size
-        return ((M_x.reshape(-1, 3 * W), M_y.reshape(2 * H, 4 * H)),
-                (N_y.reshape(2 * H, 2 * H), N_x.reshape(W, -1)))
+    """`dft_factors` as matrices ((4 Wr, 3W), (2H, 4H)) and ((2H, 2H), (W, 2 Wr)), a `_constant`."""
+    (M_x, M_y), (N_y, N_x) = dft_factors(grid_size, device, dtype)
+    H, W = grid_size
+    return ((M_x.reshape(-1, 3 * W), M_y.reshape(2 * H, 4 * H)), (N_y.reshape(2 * H, 2 * H), N_x.reshape(W, -1)))
 
 
 def _dense_transforms(x, coupling):

@@ -1,8 +1,9 @@
 """The fused Triton spectral product (kernels/spectral_product.py) against its
 reference and specification, pde_ssm._GroupedSpectralProduct in float64: values
-and the gradients of x, a_re and a_im. Without CUDA the kernels run in Triton's
-interpreter on the CPU at small shapes; with CUDA they run compiled, also at
-model sizes, and pde_evolve must pick them."""
+and the gradients of x, a_re and a_im; and the fused diagonal product
+(kernels/diagonal_product.py) against complex multiplication in float64. Without
+CUDA the kernels run in Triton's interpreter on the CPU at small shapes; with CUDA
+they run compiled, also at model sizes, and pde_evolve and dense_mix must pick them."""
 import copy
 import math
 import os
@@ -19,6 +20,7 @@ import triton.language as tl  # noqa: E402
 import kernels  # noqa: E402
 import pde_ssm  # noqa: E402
 from kernels import spectral_product as sp  # noqa: E402
+from kernels.diagonal_product import diagonal_product  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -474,6 +476,86 @@ def test_memory_is_linear_in_frequencies():
     torch.cuda.synchronize()
     # Ten spectra of x's size: about a fifth of the symbol.
     assert torch.cuda.max_memory_allocated() - base < 10 * x.numel() * 8
+
+
+#################################################################################
+#                            The diagonal product                               #
+#################################################################################
+
+def as_complex(planar):
+    """(..., 2, F, C) real and imaginary planes -> (..., F, C) complex128."""
+    return torch.complex(planar.select(-3, 0).double(), planar.select(-3, 1).double())
+
+
+def check_diagonal_product(product, B, F, C, dtype, tol):
+    """product(v, s) with v (B, 2, F, C) of dtype and s (2, F, C) float32 on DEVICE against
+    complex multiplication in float64 of the same values: y and the gradients of v and s for
+    the real loss sum(Re(y * weight))."""
+    torch.manual_seed(0)
+    v = torch.randn(B, 2, F, C, device=DEVICE).to(dtype).requires_grad_()
+    s = torch.randn(2, F, C, device=DEVICE).requires_grad_()
+    weight = torch.randn(B, F, C, dtype=torch.complex128, device=DEVICE)
+    y = product(v, s)
+    assert y.dtype == dtype and y.shape == v.shape
+    (as_complex(y) * weight).real.sum().backward()
+    v64, s64 = (t.detach().double().requires_grad_() for t in (v, s))
+    expected = as_complex(s64) * as_complex(v64)
+    (expected * weight).real.sum().backward()
+    assert relative_error(as_complex(y), expected) < tol
+    assert v.grad.dtype == dtype and relative_error(v.grad, v64.grad) < tol
+    assert s.grad.dtype == torch.float32 and relative_error(s.grad, s64.grad) < tol
+
+
+@runs_here
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_diagonal_product_is_complex_multiplication(dtype, tol, compiled):
+    # F C = 1100: two programs of 1024 entries, the second mostly masked; 3 images each.
+    product = diagonal_product
+    if compiled:  # the launches are custom operators: one graph, the same values
+        torch._dynamo.reset()
+        product = torch.compile(diagonal_product, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    check_diagonal_product(product, 3, 20, 55, dtype, tol)
+
+
+@needs_cuda
+def test_diagonal_product_at_model_size():
+    # DiT-L/2 at 256 px: 4 images, 128 x 65 frequencies, 1024 channels, bf16 spectra.
+    check_diagonal_product(diagonal_product, 4, 128 * 65, 1024, torch.bfloat16, 1e-2)
+
+
+def test_diagonal_product_refuses_other_layouts():
+    v = torch.zeros(2, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"planar spectrum v \(B, 2, F, C\).*float64"):
+        diagonal_product(v.double(), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"symbol s of shape \(2, 3, 4\).*\(2, 4, 3\)"):
+        diagonal_product(v, torch.zeros(2, 4, 3))
+
+
+@runs_here
+def test_dense_mix_takes_the_fused_diagonal_product(monkeypatch):
+    # The diagonal coupling's dense_mix multiplies by the symbol in the fused kernel where the
+    # fused kernels run, with the values and gradients of its float64 reference.
+    calls = []
+    import kernels.diagonal_product as dp
+    original = dp._product_op
+    monkeypatch.setattr(dp, "_product_op", lambda v, s: calls.append(v.device.type) or original(v, s))
+    monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
+    torch.manual_seed(0)
+    m = pde_ssm.PDESSM(8, 6, coupling="diagonal").to(DEVICE)
+    x = torch.randn(3, 20, 8, device=DEVICE)
+    weight = torch.randn(3, 20, 8, device=DEVICE)
+    results = []
+    for fused, dtype in ((False, torch.float64), (None if CUDA else True, torch.float32)):
+        monkeypatch.setattr(pde_ssm, "FUSED_SPECTRAL_PRODUCT", fused)
+        m.to(dtype).zero_grad()
+        leaf = x.to(dtype).requires_grad_()
+        out = m(leaf, (4, 5))
+        (out * weight.to(dtype)).sum().backward()
+        results.append([out.detach(), leaf.grad] + [p.grad for p in m.parameters()])
+    assert calls == [DEVICE]
+    for got, expected in zip(results[1], results[0]):
+        assert relative_error(got, expected) < 1e-5
 
 
 @pytest.mark.skipif(CUDA or INTERPRETER, reason="runs the kernels compiled on CUDA, or is the interpreter run")
