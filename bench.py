@@ -191,7 +191,8 @@ def timed_step(step, inputs, cuda_graph):
 
 def training_step(model, batch, image_size, device, num_classes=10, channels=3, cuda_graph=False):
     """One flow-matching training step: forward, backward, AdamW update (bf16 autocast on GPU)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, capturable=cuda_graph)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, capturable=cuda_graph,
+                            fused=torch.device(device).type == "cuda")  # as train.py
     x = torch.randn(batch, channels, image_size, image_size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
     model.train()

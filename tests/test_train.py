@@ -81,6 +81,17 @@ def test_resume_continues_exactly(tmp_path, npz_data, straight_run):
     assert [resumed_losses[s] for s in (4, 5, 6)] == [full_losses[s] for s in (4, 5, 6)]
 
 
+def test_resume_takes_the_optimizer_settings_from_the_flags(tmp_path, npz_data, straight_run):
+    # AdamW's moments and step counts come from the checkpoint, its learning rate from --lr.
+    shutil.copytree(os.path.join(straight_run, "checkpoints"), tmp_path / "checkpoints")
+    os.remove(checkpoint.checkpoint_path(tmp_path, 6))
+    run(tmp_path, "--max-steps", "4", "--resume", "auto", "--lr", "2.5e-4", data=npz_data)
+    saved, resumed = (checkpoint.load_checkpoint(checkpoint.checkpoint_path(d, s))
+                      for d, s in ((straight_run, 3), (tmp_path, 4)))
+    assert saved["opt"]["param_groups"][0]["lr"] == 1e-3 and resumed["opt"]["param_groups"][0]["lr"] == 2.5e-4
+    assert [s["step"].item() for s in resumed["opt"]["state"].values()] == [4.0] * len(resumed["opt"]["state"])
+
+
 def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path, npz_data, straight_run):
     os.makedirs(tmp_path / "checkpoints")
     shutil.copy(checkpoint.checkpoint_path(straight_run, 3), checkpoint.checkpoint_path(tmp_path, 3))
@@ -263,7 +274,8 @@ def test_cuda_graph_training_follows_the_eager_run(tmp_path, npz_data, model, cl
     """8 steps, the last 5 replayed from one CUDA graph, against 8 steps without the graph from the same
     seed (both of the torch.compile'd model with compile): the same losses at every step (the graph's
     random draws follow the per-step seeds) and the same weights, up to float rounding, with and without
-    gradient clipping; then a graph run resumed from its step-3 checkpoint ends at the same weights.
+    gradient clipping; then a graph run resumed from the eager run's step-3 checkpoint (saved by an optimizer
+    that was not capturable) ends at the graph run's weights.
     (A compiled run ends farther from an uncompiled one than rounding: AdamW turns inductor's different
     rounding of the near-zero early gradients of the zero-initialized adaLN layers into full steps.)"""
     flags = ["--max-steps", "8", "--model", model, "--max-grad-norm", clip] + (["--compile"] if compile else [])
@@ -279,7 +291,7 @@ def test_cuda_graph_training_follows_the_eager_run(tmp_path, npz_data, model, cl
             torch.testing.assert_close(final[1][key][name], value, rtol=1e-3, atol=1e-4, msg=f"{key}.{name}")
 
     resumed = tmp_path / "resumed"
-    shutil.copytree(os.path.join(graph, "checkpoints"), resumed / "checkpoints")
+    shutil.copytree(os.path.join(eager, "checkpoints"), resumed / "checkpoints")
     os.remove(checkpoint.checkpoint_path(resumed, 6))
     os.remove(checkpoint.checkpoint_path(resumed, 8))
     run(resumed, *flags, "--cuda-graph", "--resume", "auto", data=npz_data)
