@@ -513,7 +513,8 @@ def parse_args(argv=None):
     parser.add_argument("--global-batch-size", type=int, default=64, help="batch over all processes (the paper: 64)")
     parser.add_argument("--global-seed", type=int, default=0, help="seed of initialization, data order and noise")
     parser.add_argument("--lr", type=float, default=5e-4,
-                        help="AdamW learning rate (the paper's Table 6: 5e-4; DiT used 1e-4)")
+                        help="AdamW learning rate (the paper's Table 6: 5e-4; DiT used 1e-4); with --resume "
+                             "the flag's, not the checkpoint's")
     parser.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step (DiT's 0.9999)")
     parser.add_argument("--max-grad-norm", type=float, default=0.0,
                         help="clip the gradient to this global norm (0: no clipping, as DiT and the paper); "
