@@ -7,11 +7,11 @@ of the rfft2 grid, by its own symbol (Eq. 9-10),
     y[b, f, c] = s[f, c] v[b, f, c]   (complex),
 
 on planar spectra: v and y (B, 2, F, C), real parts at index 0 of the second axis and
-imaginary parts at index 1; s (2, F, C) float32 likewise. The reference multiplies in
-float32 and leaves the rest to torch.compile, whose generated kernel makes the symbol's
-exp, cos and sin again for every image and for both parts of the product (a small
-elementwise result is recomputed where it is broadcast). Here s is made once, by
-whatever computes it, and each program loads a block of it and walks the images,
+imaginary parts at index 1; s (2, F, C) float32 likewise. Compiled, the reference's
+elementwise product became a kernel that made the symbol's exp, cos and sin again for
+every image and for both parts of the product (inductor recomputes a small elementwise
+result where it is broadcast; BENCHMARKS.md). Here s is made once, by whatever
+computes it, and each program loads a block of it and walks the images,
 reading and writing the spectra in their own dtype (bf16 under autocast) with float32
 arithmetic:
 
