@@ -291,8 +291,8 @@ def bench_table8(args, device):
 
 
 def bench_table9(args, device):
-    """Paper Table 9: forward time of S/B/L/XL at 256 px, patch 2, batch 4."""
-    cells = [(size, 2, 256) for size in ("S", "B", "L", "XL")]
+    """Paper Table 9: forward time of S/B/L/XL (or --size alone) at 256 px, patch 2, batch 4."""
+    cells = [(size, 2, 256) for size in ([args.size] if args.size else ["S", "B", "L", "XL"])]
     return bench_models(args, device, cells, forward_pass, "table9",
                         f"Table 9: forward at 256 px, patch 2, batch {args.batch}", by_params=True)
 
@@ -546,8 +546,9 @@ def parse_args(argv=None):
                         help="scaling, mixer and symbol: token grid sides (default 16 .. 256 for scaling, 16 .. 128 "
                              "for mixer, 16 .. 64 for symbol)")
     parser.add_argument("--size", choices=["T", "S", "B", "L", "XL"], default=None,
-                        help="model size for table5/scaling (default S) and table8 (default XL; its patches 8, 4, 2 "
-                             "need S or larger); T is the tiny CPU config (patches 1, 2, 4)")
+                        help="model size for table5/scaling (default S), table8 (default XL; its patches 8, 4, 2 "
+                             "need S or larger) and table9 (default S, B, L and XL in turn; one size alone keeps a "
+                             "compiled run short); T is the tiny CPU config (patches 1, 2, 4)")
     parser.add_argument("--images", type=int, nargs="+", default=[32, 64], help="table5: image sizes in pixels")
     parser.add_argument("--patches", type=int, nargs="+", default=[2, 4, 8], help="table5: patch sizes")
     parser.add_argument("--systems", nargs="+", default=None, choices=list(SYSTEMS),

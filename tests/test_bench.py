@@ -98,6 +98,15 @@ def test_plot_of_model_sizes_follows_the_parameter_counts(tmp_path, monkeypatch)
     assert drawn == expected
 
 
+def test_table9_takes_one_size_on_request(monkeypatch):
+    # --size times table9's one model (a compiled run of all four can outlast a job's time limit).
+    seen = []
+    monkeypatch.setattr(bench, "bench_models", lambda args, device, cells, *rest, **options: seen.append(cells))
+    for flags in ([], ["--size", "L"]):
+        bench.bench_table9(bench.parse_args(["table9", *flags]), torch.device("cpu"))
+    assert seen == [[("S", 2, 256), ("B", 2, 256), ("L", 2, 256), ("XL", 2, 256)], [("L", 2, 256)]]
+
+
 def test_out_of_memory_is_reported_not_raised():
     def step():
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
