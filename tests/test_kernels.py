@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 import kernels  # noqa: E402
 import pde_ssm  # noqa: E402
 from kernels import spectral_product as sp  # noqa: E402
-from kernels.diagonal_product import diagonal_product  # noqa: E402
+from kernels import diagonal_product as dp  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -511,25 +511,25 @@ def check_diagonal_product(product, B, F, C, dtype, tol):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_diagonal_product_is_complex_multiplication(dtype, tol, compiled):
     # F C = 1100: two programs of 1024 entries, the second mostly masked; 3 images each.
-    product = diagonal_product
+    product = dp.diagonal_product
     if compiled:  # the launches are custom operators: one graph, the same values
         torch._dynamo.reset()
-        product = torch.compile(diagonal_product, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+        product = torch.compile(dp.diagonal_product, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     check_diagonal_product(product, 3, 20, 55, dtype, tol)
 
 
 @needs_cuda
 def test_diagonal_product_at_model_size():
     # DiT-L/2 at 256 px: 4 images, 128 x 65 frequencies, 1024 channels, bf16 spectra.
-    check_diagonal_product(diagonal_product, 4, 128 * 65, 1024, torch.bfloat16, 1e-2)
+    check_diagonal_product(dp.diagonal_product, 4, 128 * 65, 1024, torch.bfloat16, 1e-2)
 
 
 def test_diagonal_product_refuses_other_layouts():
     v = torch.zeros(2, 2, 3, 4)
     with pytest.raises(ValueError, match=r"planar spectrum v \(B, 2, F, C\).*float64"):
-        diagonal_product(v.double(), torch.zeros(2, 3, 4))
+        dp.diagonal_product(v.double(), torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match=r"symbol s of shape \(2, 3, 4\).*\(2, 4, 3\)"):
-        diagonal_product(v, torch.zeros(2, 4, 3))
+        dp.diagonal_product(v, torch.zeros(2, 4, 3))
 
 
 @runs_here
@@ -537,7 +537,6 @@ def test_dense_mix_takes_the_fused_diagonal_product(monkeypatch):
     # The diagonal coupling's dense_mix multiplies by the symbol in the fused kernel where the
     # fused kernels run, with the values and gradients of its float64 reference.
     calls = []
-    import kernels.diagonal_product as dp
     original = dp._product_op
     monkeypatch.setattr(dp, "_product_op", lambda v, s: calls.append(v.device.type) or original(v, s))
     monkeypatch.setattr(pde_ssm, "DENSE_TRANSFORMS", True)
