@@ -28,9 +28,12 @@ column, so `_row_contract_kernel` makes S exactly at a program's first column an
 multiplies it along the row by a ratio that is itself multiplied by a constant (no
 special function after the first column), or, where those products could leave
 float32's range, steps the log magnitude by its differences (one exp2 a column) and
-the phase by a rotation. The coefficient gradient of bf16 spectra (and of tf32
-products at batches of 5 to 16) walks whole rows the latter way (ROW_STEPS): S exact
-at each row's start, then one exp2 and one rotation a column.
+the phase by a rotation. The last column of rows of 8m + 1 (or 4m + 1) frequencies,
+Nyquist's on even grid sides, is stepped the same way down the column, from k_y = 0
+outwards, rather than taking a segment of its own whose other columns are masked.
+The coefficient gradient of bf16 spectra (and of tf32 products at batches of 5 to
+16) walks whole rows the latter way (ROW_STEPS): S exact at each row's start, then
+one exp2 and one rotation a column.
 
 Spectra are read and written as float32 or bf16 (re, im) views of any strides:
 interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
@@ -263,17 +266,18 @@ def _phase_features(phi_im_ptr, f, F, ADJOINT: tl.constexpr):
 
 
 @triton.jit
-def _row_features(phi_re_ptr, phi_im_ptr, f0, cols, F, ADJOINT: tl.constexpr):
-    """The features along a row of the rfft2 grid from frequency f0 on, cols columns of it
-    left, as scalars: phi_re scaled by log2 e at f0 (a0..a3), its first and second
-    differences there (d0..d3, e0..e3: phi_re is quadratic in the column), and phi_im at
-    f0, negated for the adjoint (a4, a5), with its first difference (d4, d5: phi_im is
-    linear). Differences that would reach past the row's end are 0, so nothing is read
-    from the next row."""
-    f1 = f0 + tl.minimum(cols - 1, 1)
+def _row_features(phi_re_ptr, phi_im_ptr, f0, step, cols, F, ADJOINT: tl.constexpr):
+    """The features along a line of the rfft2 grid, the frequencies f0, f0 + step, ...
+    (step 1: a row; the row's width: a column), cols of them left, as scalars: phi_re
+    scaled by log2 e at f0 (a0..a3), its first and second differences there (d0..d3,
+    e0..e3: phi_re is quadratic along a line on which the wavenumbers are linear), and
+    phi_im at f0, negated for the adjoint (a4, a5), with its first difference (d4, d5:
+    phi_im is linear). Differences that would reach past the line's end are 0, so
+    nothing is read from the next one."""
+    f1 = f0 + tl.minimum(cols - 1, 1) * step
     a0, a1, a2, a3 = _magnitude_features(phi_re_ptr, f0, F, _LOG2E)
     d0, d1, d2, d3 = _magnitude_features(phi_re_ptr, f1, F, _LOG2E)
-    e0, e1, e2, e3 = _magnitude_features(phi_re_ptr, f0 + 2, F, _LOG2E)
+    e0, e1, e2, e3 = _magnitude_features(phi_re_ptr, f0 + 2 * step, F, _LOG2E)
     d0, d1, d2, d3 = d0 - a0, d1 - a1, d2 - a2, d3 - a3
     e0, e1, e2, e3 = (tl.where(cols > 2, e0 - a0 - 2 * d0, 0.0), tl.where(cols > 2, e1 - a1 - 2 * d1, 0.0),
                       tl.where(cols > 2, e2 - a2 - 2 * d2, 0.0), tl.where(cols > 2, e3 - a3 - 2 * d3, 0.0))
@@ -399,21 +403,25 @@ def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, PRODU
 
 
 @triton.jit
-def _products_in_range(low_ptr, high_ptr, ROW, LANES: tl.constexpr):
+def _products_in_range(low_ptr, high_ptr, QUAD, ROW, LANES: tl.constexpr):
     """Whether the products of `_next_column` (PRODUCTS) hold for every pair on segments of
     LANES columns of the rfft2 grid's rows of ROW columns, from the extremes over the pairs
-    of a_re's first two planes, low (min c0, min c1) and high (max c0, max c1). Along a row
+    of a_re's first three planes, low (min c0, min c1, min c2) and high (max c0, ...), with
+    QUAD = 0. Along a row
     the features (k_x^2, k_x k_y, k_y^2, 1) change by ((2n + 1) dk^2, dk k_y, 0, 0) from
     column n to n + 1, with dk <= pi / (ROW - 1) and |k_y| <= pi, so the exponent's first
     differences st = log2(e) (c0 (2n + 1) dk^2 + c1 dk k_y) and second ones cu = log2(e) 2 c0
-    dk^2 have bounds in those extremes. The products stay within float32 rounding while
+    dk^2 have bounds in those extremes. Along the last column (k_x = pi) of a grid of 2
+    (ROW - 1) rows, walked from k_y = 0 outwards within either half of its k_y (the
+    features change by (0, +-dk pi, (2n + 1) dk^2, 0)), the same holds with k_y's plane
+    c2 for c0: QUAD = 2. The products stay within float32 rounding while
     S, the ratios R = 2^st e^(1j ...) and q = 2^cu are normal floats: |st| and |cu| at
     most 120 keep R and q so, and (LANES - 1) st at most 85 means that S, lost below
     2^-126, cannot grow back past 2^-41 within a segment. (S past 2^128 is inf on every
     path.) A PDESSM at its initialization is within these on grids of 32 tokens and
     more; a diffusion or convection grown large takes the exp2 steps."""
-    c0_low, c1_low = tl.load(low_ptr), tl.load(low_ptr + 1)
-    c0_high, c1_high = tl.load(high_ptr), tl.load(high_ptr + 1)
+    c0_low, c1_low = tl.load(low_ptr + QUAD), tl.load(low_ptr + 1)
+    c0_high, c1_high = tl.load(high_ptr + QUAD), tl.load(high_ptr + 1)
     dk = 3.141592653589793 / tl.maximum(ROW - 1, 1)
     square = tl.maximum(2 * ROW - 3, 0) * dk * dk      # the largest change of k_x^2
     cross = tl.maximum(c1_high, -c1_low) * 3.141592653589793 * dk
@@ -522,7 +530,7 @@ def _contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr,
 
 @triton.jit
 def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_ptr, high_ptr,
-                         F, B, ROWS, INNER, ROW,
+                         F, B, ROWS, INNER, ROW, COLS,
                          in_sg, in_sf, in_sk, in_sb, in_si, out_sg, out_sf, out_sr, out_sb, out_si,
                          coef_s6, coef_sg, coef_sr, coef_sk,
                          ADJOINT: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
@@ -530,7 +538,10 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
                          BLOCK_B: tl.constexpr):
     """`_contract_kernel` with the symbol stepped along the rows of the rfft2 grid, ROW
     frequencies a row, along which phi_re is quadratic and phi_im linear in the column.
-    A program takes a segment of LANES (4 or 8) consecutive columns of one row. For each
+    A program takes a segment of LANES (4 or 8) consecutive columns among the first COLS
+    of one row, or, the programs past those along axis 1, a segment of LANES rows of
+    the last column (`_contract`), along which phi_re is quadratic and phi_im linear
+    too within either half of the rows. For each
     contracted tile it makes the symbol S_0 exactly at the first column, the ratio R_0 =
     S_1 / S_0 and the ratio's own factor q = R_1 / R_0 (real: the phase is linear in the
     column), five special functions an entry, and multiplies along the segment: S_(n+1)
@@ -546,9 +557,25 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
     pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_tiles = tl.cdiv(B, BLOCK_B)
     g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
-    col_tiles = tl.cdiv(ROW, LANES)
-    col0 = (pid_f % col_tiles) * LANES
-    f0 = (pid_f // col_tiles) * ROW + col0
+    col_tiles = tl.cdiv(COLS, LANES)
+    row_segments = F // ROW * col_tiles
+    if pid_f < row_segments:
+        col0 = (pid_f % col_tiles) * LANES
+        f0 = (pid_f // col_tiles) * ROW + col0
+        cols = COLS - col0          # columns of this row from col0 on; the lanes past them are masked
+        step, line, quad = 1, ROW, 0
+    else:
+        # The last column from k_y = 0 outwards in each half (|k_y| grows along a segment, as
+        # k_x does along the rows): rows 0, 1, ... and rows H - 1, H - 2, ...
+        half = F // ROW // 2
+        seg = pid_f - row_segments
+        if seg * LANES < half:
+            row0, step = seg * LANES, ROW
+        else:
+            row0, step = 2 * half - 1 - (seg * LANES - half), -ROW
+        f0 = row0 * ROW + ROW - 1
+        cols = LANES                # `_contract` takes this only where LANES divides either half
+        line, quad = half + 1, 2
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_k = tl.arange(0, BLOCK_K)
@@ -557,21 +584,21 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
     coef_ptr += g * coef_sg
     x_ptrs = (in_ptr + g.to(tl.int64) * in_sg + f0.to(tl.int64) * in_sf + offs_k[:, None] * in_sk
               + offs_b.to(tl.int64)[None, :] * in_sb)
-    cols = ROW - col0      # columns of this row from col0 on; the lanes past them are masked
-    a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5 = _row_features(phi_re_ptr, phi_im_ptr, f0,
+    lane_sf = in_sf * step
+    a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5 = _row_features(phi_re_ptr, phi_im_ptr, f0, step,
                                                                                    cols, F, ADJOINT)
-    if _products_in_range(low_ptr, high_ptr, ROW, LANES):
-        t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
+    if _products_in_range(low_ptr, high_ptr, quad, line, LANES):
+        t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, lane_sf, in_sk, in_si,
                                coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5,
                                b4, b5, True, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
     else:
-        t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
+        t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, lane_sf, in_sk, in_si,
                                coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5,
                                b4, b5, False, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
 
     y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
     lanes = tl.arange(0, LANES)
-    out_offs = (g.to(tl.int64) * out_sg + (f0 + lanes).to(tl.int64)[None, None, :] * out_sf
+    out_offs = (g.to(tl.int64) * out_sg + (f0 + lanes * step).to(tl.int64)[None, None, :] * out_sf
                 + offs_r[:, None, None] * out_sr + offs_b.to(tl.int64)[None, :, None] * out_sb)
     mask = mask_r[:, None, None] & mask_b[None, :, None] & (lanes < cols)[None, None, :]
     y = tl.join(tl.reshape(y_re, (BLOCK_R, BLOCK_B, LANES)), tl.reshape(y_im, (BLOCK_R, BLOCK_B, LANES)))
@@ -668,7 +695,7 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
             # The magnitude's features p(n) = p(0) + n (d - e / 2) + n^2 e / 2 in the column n, d and e
             # their first and second differences at the row's start.
             a0, a1, a2, a3, d0, d1, d2, d3, e0, e1, e2, e3, a4, a5, d4, d5 = _row_features(phi_re_ptr, phi_im_ptr, f0,
-                                                                                           ROW, F, False)
+                                                                                           1, ROW, F, False)
             c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr, coef_s6, pair_offs, pair_mask)
             l0 = c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
             l2 = 0.5 * (c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3)
@@ -949,12 +976,19 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
         if lanes not in (4, 8):
             raise ValueError(f"the symbol's steps along the grid rows (tiles ROW_STEPS) take BLOCK_F 4 or 8 grid "
                              f"columns; got BLOCK_F {lanes}")
-        # The extremes over all pairs of a_re's planes of k_x^2 and k_x k_y (`_products_in_range`).
-        low, high = torch.aminmax(coef[:2].reshape(2, -1), dim=1)
-        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), F // width * triton.cdiv(width, lanes),
-                G * triton.cdiv(B, cfg["BLOCK_B"]))
-        _row_contract_kernel[grid](dst, src, coef, phi_re, phi_im, low, high, *sizes, width, *strides, LANES=lanes,
-                                   **options, **cfg)
+        # On rows of a multiple of lanes plus one columns (the last is Nyquist's, on even grid
+        # sides) that last column would take a segment of its own, lanes - 1 columns of it
+        # masked: where the rows' halves are multiples of lanes too, segments along the
+        # column take it instead, in the same launch.
+        height = F // width
+        column = width > lanes and width % lanes == 1 and height % (2 * lanes) == 0
+        cols = width - 1 if column else width
+        segments = height * triton.cdiv(cols, lanes) + (height // lanes if column else 0)
+        # The extremes over all pairs of a_re's planes of k_x^2, k_x k_y and k_y^2 (`_products_in_range`).
+        low, high = torch.aminmax(coef[:3].reshape(3, -1), dim=1)
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), segments, G * triton.cdiv(B, cfg["BLOCK_B"]))
+        _row_contract_kernel[grid](dst, src, coef, phi_re, phi_im, low, high, *sizes, width, cols, *strides,
+                                   LANES=lanes, **options, **cfg)
     else:
         cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))

@@ -167,6 +167,7 @@ def test_planar_real_input_and_output():
     (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles (the gradient's row steps)
     (1, 5, 3, (5, 3), 3, dict(RANK1=True)),   # rank-1 gradient updates on bf16 loads
     (2, 6, 20, (3, 10), 3, dict(ROW_STEPS=True, BLOCK_F=8)),   # the row kernel (default on wider grids)
+    (1, 6, 20, (8, 8), 3, dict(ROW_STEPS=True, BLOCK_F=4)),    # rows of 5: the last column in segments of 4 rows
 ])
 def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
     check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles)
@@ -176,6 +177,8 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NumPy on the masked columns' overflow (never stored)
 @pytest.mark.parametrize("grid_size,lanes", [
     ((4, 8), 4),     # rows of 5 frequencies in tiles of 4: the second tile holds one column
+    ((8, 8), 4),     # the same on 8 rows: the fifth column in segments of 4 rows from k_y = 0 outwards
+    ((16, 16), 8),   # rows of 9 in tiles of 8, the ninth column in segments of 8 rows
     ((3, 10), 8),    # rows of 6 in tiles of 8: two columns masked past every row's end
     ((5, 2), 8),     # rows of 2
     ((2, 64), 8),    # rows of 33: the coefficient gradient steps 32 columns from each row's start
@@ -209,30 +212,37 @@ def test_row_products_out_of_range_take_exp2_steps(lanes):
 
 
 @triton.jit
-def _products_in_range_kernel(low_ptr, high_ptr, out_ptr, ROW, LANES: tl.constexpr):
-    tl.store(out_ptr, sp._products_in_range(low_ptr, high_ptr, ROW, LANES).to(tl.int32))
+def _products_in_range_kernel(low_ptr, high_ptr, out_ptr, QUAD, ROW, LANES: tl.constexpr):
+    tl.store(out_ptr, sp._products_in_range(low_ptr, high_ptr, QUAD, ROW, LANES).to(tl.int32))
 
 
 @runs_here
+@pytest.mark.parametrize("line", ["row", "column"])
 @pytest.mark.parametrize("size,lanes", [(32, 4), (64, 8), (128, 8)])
-def test_products_in_range_bounds_the_grid(size, lanes):
-    # `_products_in_range` bounds the exponent's differences along the rows in closed form.
-    # Where it says in range, the differences computed on the grid (float64) are within its
-    # limits; it says so for a PDESSM at initialization (sigma up to 8 tokens) and for the
-    # tests' coefficients, and not for those grown 30 times.
+def test_products_in_range_bounds_the_grid(size, lanes, line):
+    # `_products_in_range` bounds the exponent's differences in closed form, along the rows
+    # and along the last column (k_x = pi) from k_y = 0 outwards in either half, which the
+    # row kernel steps too. Where it says in range, the differences computed on the grid
+    # (float64) are within its limits; it says so for a PDESSM at initialization (sigma up
+    # to 8 tokens) and for the tests' coefficients, and not for those grown 30 times.
     width = size // 2 + 1
     phi_re, _ = pde_ssm._frequency_features((size, size), DEVICE, torch.float64)
+    quad, extent = (0, width) if line == "row" else (2, size // 2 + 1)
 
     def in_range(a_re):
         coef = a_re.float().movedim(-1, 0)
-        low, high = torch.aminmax(coef[:2].reshape(2, -1), dim=1)
+        low, high = torch.aminmax(coef[:3].reshape(3, -1), dim=1)
         out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-        _products_in_range_kernel[(1,)](low, high, out, width, LANES=lanes)
+        _products_in_range_kernel[(1,)](low, high, out, quad, extent, LANES=lanes)
         return bool(out.item())
 
     def on_grid(a_re):
         log2_mag = (a_re.reshape(-1, 4).double() @ phi_re.T).reshape(-1, size, width) * math.log2(math.e)
-        st = log2_mag.diff(dim=-1)
+        if line == "row":
+            st = log2_mag.diff(dim=-1)
+        else:   # the last column from k_y = 0 outwards: rows 0 to H/2 - 1, and H - 1 down to H/2
+            halves = log2_mag[..., -1].unflatten(-1, (2, size // 2))
+            st = torch.stack([halves[..., 0, :], halves[..., 1, :].flip(-1)]).diff(dim=-1)
         cu = st.diff(dim=-1)
         return (lanes - 1) * st.max() <= 85 and st.min() >= -120 and cu.abs().max() <= 120
 
@@ -246,6 +256,29 @@ def test_products_in_range_bounds_the_grid(size, lanes):
         for a_re in (scale * initial, scale * tests):
             if in_range(a_re):
                 assert on_grid(a_re), scale
+
+
+@runs_here
+def test_last_column_steps_from_ky_zero_outwards():
+    # tau K = diag(0.5, 20) on a 16x16 grid: |S| falls from 1 at k_y = 0 to 2^-285 at k_y = -pi
+    # down the last column (k_x = pi), flushed to 0 in float32. Its segments of 8 rows must
+    # start at the row nearest k_y = 0 and step outwards: started at k_y = -pi, the products
+    # would carry that 0 up to k_y = -pi / 8, where |S| is 2^-4.4. The grid is within
+    # `_products_in_range` (checked), so the products run.
+    grid_size, lanes = (16, 16), 8
+    shape = (1, 2, 2)
+    K = torch.tensor([[0.5, 0.0], [0.0, 20.0]], dtype=torch.float64).expand(shape + (2, 2))
+    b = 0.5 * torch.randn(shape + (2,), dtype=torch.float64)
+    r = 0.1 * torch.randn(shape, dtype=torch.float64)
+    exponent = [t.to(DEVICE) for t in pde_ssm.exponent_coefficients(K, b, r, torch.ones(shape, dtype=torch.float64))]
+    width = grid_size[1] // 2 + 1
+    low, high = torch.aminmax(exponent[0].float().movedim(-1, 0)[:3].reshape(3, -1), dim=1)
+    for quad, line in ((0, width), (2, grid_size[0] // 2 + 1)):
+        out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        _products_in_range_kernel[(1,)](low, high, out, quad, line, LANES=lanes)
+        assert out.item() == 1
+    check_against_reference(1, 2, 2, grid_size, 3, 2e-5, exponent=exponent, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
+                            input_precision="ieee", width=width)
 
 
 @runs_here
