@@ -176,7 +176,8 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
 @runs_here
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # NumPy on the masked columns' overflow (never stored)
 @pytest.mark.parametrize("grid_size,lanes", [
-    ((4, 8), 4),     # rows of 5 frequencies in tiles of 4: the second tile holds one column
+    ((4, 8), 4),     # rows of 5 frequencies in tiles of 4: the second tile holds one column (4 rows:
+                     # too few for segments of 4 down the last column in either half)
     ((8, 8), 4),     # the same on 8 rows: the fifth column in segments of 4 rows from k_y = 0 outwards
     ((16, 16), 8),   # rows of 9 in tiles of 8, the ninth column in segments of 8 rows
     ((3, 10), 8),    # rows of 6 in tiles of 8: two columns masked past every row's end
@@ -260,11 +261,11 @@ def test_products_in_range_bounds_the_grid(size, lanes, line):
 
 @runs_here
 def test_last_column_steps_from_ky_zero_outwards():
-    # tau K = diag(0.5, 20) on a 16x16 grid: |S| falls from 1 at k_y = 0 to 2^-285 at k_y = -pi
-    # down the last column (k_x = pi), flushed to 0 in float32. Its segments of 8 rows must
-    # start at the row nearest k_y = 0 and step outwards: started at k_y = -pi, the products
-    # would carry that 0 up to k_y = -pi / 8, where |S| is 2^-4.4. The grid is within
-    # `_products_in_range` (checked), so the products run.
+    # tau K = diag(0.5, 20) on a 16x16 grid: down the last column (k_x = pi) |S| falls from
+    # about 2^-7 at k_y = 0 to 2^-292 at k_y = -pi, flushed to 0 in float32. Its segments of 8
+    # rows must start at the row nearest k_y = 0 and step outwards: started at k_y = -pi, the
+    # products would carry that 0 up to k_y = -pi / 8, where |S| is about 2^-11.6. The grid
+    # is within `_products_in_range` (checked), so the products run.
     grid_size, lanes = (16, 16), 8
     shape = (1, 2, 2)
     K = torch.tensor([[0.5, 0.0], [0.0, 20.0]], dtype=torch.float64).expand(shape + (2, 2))
