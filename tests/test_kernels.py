@@ -217,6 +217,16 @@ def _products_in_range_kernel(low_ptr, high_ptr, out_ptr, QUAD, ROW, LANES: tl.c
     tl.store(out_ptr, sp._products_in_range(low_ptr, high_ptr, QUAD, ROW, LANES).to(tl.int32))
 
 
+def products_in_range(a_re, quad, line, lanes):
+    """`sp._products_in_range` for the exponent coefficients a_re (..., 4), from the extremes of
+    their planes as `_contract` takes them: quad 0 and line the row's width for the rows, quad 2
+    and line H / 2 + 1 for the last column."""
+    low, high = torch.aminmax(a_re.float().movedim(-1, 0)[:3].reshape(3, -1), dim=1)
+    out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    _products_in_range_kernel[(1,)](low, high, out, quad, line, LANES=lanes)
+    return bool(out.item())
+
+
 @runs_here
 @pytest.mark.parametrize("line", ["row", "column"])
 @pytest.mark.parametrize("size,lanes", [(32, 4), (64, 8), (128, 8)])
@@ -231,11 +241,7 @@ def test_products_in_range_bounds_the_grid(size, lanes, line):
     quad, extent = (0, width) if line == "row" else (2, size // 2 + 1)
 
     def in_range(a_re):
-        coef = a_re.float().movedim(-1, 0)
-        low, high = torch.aminmax(coef[:3].reshape(3, -1), dim=1)
-        out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-        _products_in_range_kernel[(1,)](low, high, out, quad, extent, LANES=lanes)
-        return bool(out.item())
+        return products_in_range(a_re, quad, extent, lanes)
 
     def on_grid(a_re):
         log2_mag = (a_re.reshape(-1, 4).double() @ phi_re.T).reshape(-1, size, width) * math.log2(math.e)
@@ -273,11 +279,8 @@ def test_last_column_steps_from_ky_zero_outwards():
     r = 0.1 * torch.randn(shape, dtype=torch.float64)
     exponent = [t.to(DEVICE) for t in pde_ssm.exponent_coefficients(K, b, r, torch.ones(shape, dtype=torch.float64))]
     width = grid_size[1] // 2 + 1
-    low, high = torch.aminmax(exponent[0].float().movedim(-1, 0)[:3].reshape(3, -1), dim=1)
-    for quad, line in ((0, width), (2, grid_size[0] // 2 + 1)):
-        out = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-        _products_in_range_kernel[(1,)](low, high, out, quad, line, LANES=lanes)
-        assert out.item() == 1
+    assert products_in_range(exponent[0], 0, width, lanes)                    # the rows
+    assert products_in_range(exponent[0], 2, grid_size[0] // 2 + 1, lanes)   # the last column
     check_against_reference(1, 2, 2, grid_size, 3, 2e-5, exponent=exponent, tiles=dict(BLOCK_F=lanes, ROW_STEPS=True),
                             input_precision="ieee", width=width)
 
