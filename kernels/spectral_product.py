@@ -28,9 +28,12 @@ column, so `_row_contract_kernel` makes S exactly at a program's first column an
 multiplies it along the row by a ratio that is itself multiplied by a constant (no
 special function after the first column), or, where those products could leave
 float32's range, steps the log magnitude by its differences (one exp2 a column) and
-the phase by a rotation. The last column of rows of 8m + 1 (or 4m + 1) frequencies,
-Nyquist's on even grid sides, is stepped the same way down the column, from k_y = 0
-outwards, rather than taking a segment of its own whose other columns are masked.
+the phase by a rotation. A program steps 16 columns (or 4 or 8), so that the exact
+symbol of its first column, and the coefficients loaded for it, serve all of them; each
+column's dots add into sums of its own. The last column of rows of 16m + 1 (8m + 1, 4m
++ 1) frequencies, Nyquist's on even grid sides, is stepped the same way down the
+column, from k_y = 0 outwards, rather than taking a segment of its own whose other
+columns are masked.
 The coefficient gradient of bf16 spectra (and of tf32 products at batches of 5 to
 16) walks whole rows the latter way (ROW_STEPS): S exact at each row's start, then
 one exp2 and one rotation a column.
@@ -327,12 +330,11 @@ def _dot_layout_zeros(M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _column_sums(s_re, s_im, x_ptrs, mask, in_si, PRECISION: tl.constexpr):
-    """One grid column's share of a contracted tile: the symbol s_re + 1j s_im (R, K) times the
-    (K, B) spectrum tile at x_ptrs -> the sums t1, t2, t3 of `_complex_dots`. A column past
-    its row's end comes with its spectrum masked to 0; its symbol, the row's extrapolated,
-    may overflow there, making its sums (never stored) inf or nan."""
-    t1, t2, t3 = _complex_sums((s_re.shape[0], x_ptrs.shape[1]), PRECISION)
+def _column_sums(s_re, s_im, x_ptrs, mask, in_si, t1, t2, t3, PRECISION: tl.constexpr):
+    """One grid column's share of a contracted tile: the sums t1, t2, t3 of `_complex_dots`
+    plus the symbol s_re + 1j s_im (R, K) times the (K, B) spectrum tile at x_ptrs. A column
+    past its row's end comes with its spectrum masked to 0; its symbol, the row's
+    extrapolated, may overflow there, making its sums (never stored) inf or nan."""
     return _complex_dots(s_re, s_im, tl.load(x_ptrs, mask=mask, other=0.0),
                          tl.load(x_ptrs + in_si, mask=mask, other=0.0), t1, t2, t3, PRECISION, True)
 
@@ -360,46 +362,138 @@ def _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS: tl.constexpr):
 
 
 @triton.jit
-def _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si, PRODUCTS: tl.constexpr, PRECISION: tl.constexpr):
-    """A column's sums (`_column_sums`, its spectrum tile at x under mask) from a segment's
-    state there, and the state one column on (`_next_column`)."""
+def _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """A column's sums t1, t2, t3 plus its share (`_column_sums`, its spectrum tile at x under
+    mask) from a segment's state there, and the state one column on (`_next_column`)."""
     s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    p1, p2, p3 = _column_sums(s_re, s_im, x, mask, in_si, PRECISION)
+    t1, t2, t3 = _column_sums(s_re, s_im, x, mask, in_si, t1, t2, t3, PRECISION)
     u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    return u0, u1, u2, u3, u4, u5, u6, p1, p2, p3
+    return u0, u1, u2, u3, u4, u5, u6, t1, t2, t3
 
 
 @triton.jit
-def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, PRODUCTS: tl.constexpr,
-                  LANES: tl.constexpr, PRECISION: tl.constexpr):
-    """The sums t1, t2, t3 of `_complex_dots` of the LANES columns of a segment of a grid
-    row, from the state at its first column (`_next_column`), as one tile each whose lanes
-    are the columns (`_lane_tree`): x points at the first column's spectrum tile, the next
-    ones in_sf apart; mask is the tile's, cols the columns left in the row."""
-    u0, u1, u2, u3, u4, u5, u6, p1_0, p2_0, p3_0 = _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si, PRODUCTS,
-                                                           PRECISION)
-    u0, u1, u2, u3, u4, u5, u6, p1_1, p2_1, p3_1 = _column(u0, u1, u2, u3, u4, u5, u6, x + in_sf, mask & (cols > 1),
-                                                           in_si, PRODUCTS, PRECISION)
-    u0, u1, u2, u3, u4, u5, u6, p1_2, p2_2, p3_2 = _column(u0, u1, u2, u3, u4, u5, u6, x + 2 * in_sf,
-                                                           mask & (cols > 2), in_si, PRODUCTS, PRECISION)
-    u0, u1, u2, u3, u4, u5, u6, p1_3, p2_3, p3_3 = _column(u0, u1, u2, u3, u4, u5, u6, x + 3 * in_sf,
-                                                           mask & (cols > 3), in_si, PRODUCTS, PRECISION)
+def _lane_leaves(t):
+    """The four (R, B) tiles z0, z1, z2, z3 of a `_lane_tree` (its inverse: no data moves)."""
+    z02, z13 = tl.split(t)
+    z0, z2 = tl.split(z02)
+    z1, z3 = tl.split(z13)
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def _lanes(t, LANES: tl.constexpr):
+    """The LANES (4 or 8) (R, B) tiles of `_join_lanes`' layout, in column order (4 lanes: the
+    four again after them, unused)."""
     if LANES == 4:
-        return (_lane_tree(p1_0, p1_1, p1_2, p1_3), _lane_tree(p2_0, p2_1, p2_2, p2_3),
-                _lane_tree(p3_0, p3_1, p3_2, p3_3))
+        z0, z1, z2, z3 = _lane_leaves(t)
+        return z0, z1, z2, z3, z0, z1, z2, z3
     else:
+        even, odd = tl.split(t)
+        z0, z2, z4, z6 = _lane_leaves(even)
+        z1, z3, z5, z7 = _lane_leaves(odd)
+        return z0, z1, z2, z3, z4, z5, z6, z7
+
+
+@triton.jit
+def _join_lanes(z0, z1, z2, z3, z4, z5, z6, z7, LANES: tl.constexpr):
+    """The inverse of `_lanes`: the columns' (R, B) tiles as one tile whose lanes are the
+    columns (`_lane_tree`; 8 lanes: even columns 4a + 2b at [a, b, 0], odd ones at [a, b, 1];
+    4 lanes take z0..z3 alone)."""
+    if LANES == 4:
+        return _lane_tree(z0, z1, z2, z3)
+    else:
+        return tl.join(_lane_tree(z0, z2, z4, z6), _lane_tree(z1, z3, z5, z7))
+
+
+@triton.jit
+def _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
+             LANES: tl.constexpr, PRECISION: tl.constexpr):
+    """`_segment_sums` of 4 or 8 LANES, and the state one column past them."""
+    p1_0, p1_1, p1_2, p1_3, p1_4, p1_5, p1_6, p1_7 = _lanes(t1, LANES)
+    p2_0, p2_1, p2_2, p2_3, p2_4, p2_5, p2_6, p2_7 = _lanes(t2, LANES)
+    if PRECISION == "bf16":
+        p3_0, p3_1, p3_2, p3_3, p3_4, p3_5, p3_6, p3_7 = t3, t3, t3, t3, t3, t3, t3, t3
+    else:
+        p3_0, p3_1, p3_2, p3_3, p3_4, p3_5, p3_6, p3_7 = _lanes(t3, LANES)
+    u0, u1, u2, u3, u4, u5, u6, p1_0, p2_0, p3_0 = _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si,
+                                                           p1_0, p2_0, p3_0, PRODUCTS, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_1, p2_1, p3_1 = _column(u0, u1, u2, u3, u4, u5, u6, x + in_sf, mask & (cols > 1),
+                                                           in_si, p1_1, p2_1, p3_1, PRODUCTS, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_2, p2_2, p3_2 = _column(u0, u1, u2, u3, u4, u5, u6, x + 2 * in_sf,
+                                                           mask & (cols > 2), in_si, p1_2, p2_2, p3_2, PRODUCTS,
+                                                           PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_3, p2_3, p3_3 = _column(u0, u1, u2, u3, u4, u5, u6, x + 3 * in_sf,
+                                                           mask & (cols > 3), in_si, p1_3, p2_3, p3_3, PRODUCTS,
+                                                           PRECISION)
+    if LANES == 8:
         u0, u1, u2, u3, u4, u5, u6, p1_4, p2_4, p3_4 = _column(u0, u1, u2, u3, u4, u5, u6, x + 4 * in_sf,
-                                                               mask & (cols > 4), in_si, PRODUCTS, PRECISION)
+                                                               mask & (cols > 4), in_si, p1_4, p2_4, p3_4, PRODUCTS,
+                                                               PRECISION)
         u0, u1, u2, u3, u4, u5, u6, p1_5, p2_5, p3_5 = _column(u0, u1, u2, u3, u4, u5, u6, x + 5 * in_sf,
-                                                               mask & (cols > 5), in_si, PRODUCTS, PRECISION)
+                                                               mask & (cols > 5), in_si, p1_5, p2_5, p3_5, PRODUCTS,
+                                                               PRECISION)
         u0, u1, u2, u3, u4, u5, u6, p1_6, p2_6, p3_6 = _column(u0, u1, u2, u3, u4, u5, u6, x + 6 * in_sf,
-                                                               mask & (cols > 6), in_si, PRODUCTS, PRECISION)
+                                                               mask & (cols > 6), in_si, p1_6, p2_6, p3_6, PRODUCTS,
+                                                               PRECISION)
         u0, u1, u2, u3, u4, u5, u6, p1_7, p2_7, p3_7 = _column(u0, u1, u2, u3, u4, u5, u6, x + 7 * in_sf,
-                                                               mask & (cols > 7), in_si, PRODUCTS, PRECISION)
-        # Even lanes 4a + 2b at [a, b] of one tree, odd ones of the other: [a, b, c] is lane 4a + 2b + c.
-        return (tl.join(_lane_tree(p1_0, p1_2, p1_4, p1_6), _lane_tree(p1_1, p1_3, p1_5, p1_7)),
-                tl.join(_lane_tree(p2_0, p2_2, p2_4, p2_6), _lane_tree(p2_1, p2_3, p2_5, p2_7)),
-                tl.join(_lane_tree(p3_0, p3_2, p3_4, p3_6), _lane_tree(p3_1, p3_3, p3_5, p3_7)))
+                                                               mask & (cols > 7), in_si, p1_7, p2_7, p3_7, PRODUCTS,
+                                                               PRECISION)
+    t1 = _join_lanes(p1_0, p1_1, p1_2, p1_3, p1_4, p1_5, p1_6, p1_7, LANES)
+    t2 = _join_lanes(p2_0, p2_1, p2_2, p2_3, p2_4, p2_5, p2_6, p2_7, LANES)
+    if PRECISION != "bf16":
+        t3 = _join_lanes(p3_0, p3_1, p3_2, p3_3, p3_4, p3_5, p3_6, p3_7, LANES)
+    return u0, u1, u2, u3, u4, u5, u6, t1, t2, t3
+
+
+@triton.jit
+def _split_sums(t1, t2, t3, PRECISION: tl.constexpr):
+    """The two halves along the last axis of the sums of `_complex_dots` (t3, bf16's
+    placeholder, stays whole there)."""
+    t1a, t1b = tl.split(t1)
+    t2a, t2b = tl.split(t2)
+    if PRECISION == "bf16":
+        t3a, t3b = t3, t3
+    else:
+        t3a, t3b = tl.split(t3)
+    return t1a, t2a, t3a, t1b, t2b, t3b
+
+
+@triton.jit
+def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
+                  LANES: tl.constexpr, PRECISION: tl.constexpr):
+    """The sums t1, t2, t3 of `_complex_dots` plus the LANES (4, 8 or 16) columns of a
+    segment of a grid row, from the state at its first column (`_next_column`). The sums
+    are one tile each whose lanes are the columns (`_join_lanes`; 16 columns as the 8-lane
+    tiles of their two halves joined, the half the last axis: `_lane_columns`), and each
+    column's dots add into its own lane. x points at the first column's spectrum tile,
+    the next ones in_sf apart; mask is the tile's, cols the columns left in the row. In
+    "bf16" t3 is `_complex_sums`' placeholder and passes through."""
+    if LANES == 16:
+        t1a, t2a, t3a, t1b, t2b, t3b = _split_sums(t1, t2, t3, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6, t1a, t2a, t3a = _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf,
+                                                             in_si, t1a, t2a, t3a, PRODUCTS, 8, PRECISION)
+        u0, u1, u2, u3, u4, u5, u6, t1b, t2b, t3b = _columns(u0, u1, u2, u3, u4, u5, u6, x + 8 * in_sf, mask,
+                                                             cols - 8, in_sf, in_si, t1b, t2b, t3b, PRODUCTS, 8,
+                                                             PRECISION)
+        t1, t2 = tl.join(t1a, t1b), tl.join(t2a, t2b)
+        if PRECISION != "bf16":
+            t3 = tl.join(t3a, t3b)
+    else:
+        u0, u1, u2, u3, u4, u5, u6, t1, t2, t3 = _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si,
+                                                          t1, t2, t3, PRODUCTS, LANES, PRECISION)
+    return t1, t2, t3
+
+
+@triton.jit
+def _lane_columns(LANES: tl.constexpr):
+    """The column of each lane of `_segment_sums`' sums in row-major order of their lane
+    axes: lane 2 n + h of 16 is column 8 h + n; 4 and 8 lanes are in column order."""
+    lanes = tl.arange(0, LANES)
+    if LANES == 16:
+        return (lanes % 2) * 8 + lanes // 2
+    else:
+        return lanes
 
 
 @triton.jit
@@ -437,37 +531,37 @@ def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_
               PRODUCTS: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """`_row_contract_kernel`'s loop over the contracted tiles: the sums t1, t2, t3 of
-    `_complex_dots` for its segment, laid out as `_lane_tree` joins them, the symbol of
+    `_complex_dots` for its segment, laid out as `_segment_sums` keeps them, the symbol of
     each tile made from the segment's features (`_row_features`: a, b, e) by products
     or by steps of the log2 magnitude (PRODUCTS, `_next_column`)."""
     if LANES == 4:
         t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2), PRECISION)
-    else:
+    elif LANES == 8:
         t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2, 2), PRECISION)
+    else:
+        t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2, 2, 2), PRECISION)
     zeros = _dot_layout_zeros(BLOCK_R, BLOCK_K, PRECISION)
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < INNER
         c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
         # log2 |S| at the first column, its first and second differences; the phase and its step.
+        # Along a row or the last column the constant feature's differences (b3, e3) and the
+        # second ones of the linear k_x k_y (e1) are 0: their terms are left out.
         lm = zeros + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
-        st = zeros + c0 * b0 + c1 * b1 + c2 * b2 + c3 * b3
-        cu = zeros + c0 * e0 + c1 * e1 + c2 * e2 + c3 * e3
+        st = zeros + c0 * b0 + c1 * b1 + c2 * b2
+        cu = zeros + c0 * e0 + c2 * e2
         w_re, w_im = _rotation(zeros + c4 * a4 + c5 * a5, SPECIAL_SINCOS)
         rot_re, rot_im = _rotation(zeros + c4 * b4 + c5 * b5, SPECIAL_SINCOS)
         x = x_ptrs + k0 * in_sk
         mask = mask_k[:, None] & mask_b[None, :]
         if PRODUCTS:
             mag, ratio = tl.exp2(lm), tl.exp2(st)
-            d1, d2, d3 = _segment_sums(mag * w_re, mag * w_im, ratio * rot_re, ratio * rot_im, tl.exp2(cu), cu, cu,
-                                       x, mask, cols, in_sf, in_si, True, LANES, PRECISION)
+            t1, t2, t3 = _segment_sums(mag * w_re, mag * w_im, ratio * rot_re, ratio * rot_im, tl.exp2(cu), cu, cu,
+                                       x, mask, cols, in_sf, in_si, t1, t2, t3, True, LANES, PRECISION)
         else:
-            d1, d2, d3 = _segment_sums(lm, st, cu, w_re, w_im, rot_re, rot_im, x, mask, cols, in_sf, in_si, False,
-                                       LANES, PRECISION)
-        t1 += d1
-        t2 += d2
-        if PRECISION != "bf16":
-            t3 += d3
+            t1, t2, t3 = _segment_sums(lm, st, cu, w_re, w_im, rot_re, rot_im, x, mask, cols, in_sf, in_si, t1, t2,
+                                       t3, False, LANES, PRECISION)
     return t1, t2, t3
 
 
@@ -538,7 +632,7 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
                          BLOCK_B: tl.constexpr):
     """`_contract_kernel` with the symbol stepped along the rows of the rfft2 grid, ROW
     frequencies a row, along which phi_re is quadratic and phi_im linear in the column.
-    A program takes a segment of LANES (4 or 8) consecutive columns among the first COLS
+    A program takes a segment of LANES (4, 8 or 16) consecutive columns among the first COLS
     of one row, or, the programs past those along axis 1, a segment of LANES rows of
     the last column (`_contract`), along which phi_re is quadratic and phi_im linear
     too within either half of the rows. For each
@@ -551,9 +645,9 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
     its log2 magnitude by its differences, with one exp2 an entry a column, and its phase
     factor by a rotation. The symbol is made in the layout of the dots' results
     (`_dot_layout_zeros`), which for the bf16 dots is their operands' too. Each column
-    has its own 2D dot, and the columns' sums ride along as one tile with minor lane
-    axes (`_lane_tree`). Columns past the row's end are masked (a branch around their
-    work was slower)."""
+    has its own 2D dots, which add into its own sums; the columns' sums ride along as
+    one tile with minor lane axes (`_segment_sums`). Columns past the row's end are
+    masked (a branch around their work was slower)."""
     pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_tiles = tl.cdiv(B, BLOCK_B)
     g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
@@ -597,7 +691,7 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
                                b4, b5, False, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
 
     y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
-    lanes = tl.arange(0, LANES)
+    lanes = _lane_columns(LANES)
     out_offs = (g.to(tl.int64) * out_sg + (f0 + lanes * step).to(tl.int64)[None, None, :] * out_sf
                 + offs_r[:, None, None] * out_sr + offs_b.to(tl.int64)[None, :, None] * out_sb)
     mask = mask_r[:, None, None] & mask_b[None, :, None] & (lanes < cols)[None, None, :]
@@ -889,19 +983,18 @@ def _grad_tiles(B, c_out, c_in, groups, F, device, precision, steps):
 
 
 def _row_tiles(B, width):
-    """Tiles of `_row_contract_kernel`: BLOCK_F (its LANES) grid columns of BLOCK_R = 16 rows
-    on one warp, whose 2D dots are one MMA tall. On an H200 (bf16, C = 1152, batch 4,
-    64x64 grid) 16 rows on one warp took 3.32 ms with 8 columns and 3.57 with 4, against
-    3.60 and 3.68 for 32 rows on 2 warps and 5.43 and 4.64 for 64 rows on 4 (exact
-    symbol: 3.95). Rows of at most 32 columns take 4 (fewer masked past the row's end):
-    0.135 against 0.144 ms at C = 384, batch 8, 32x32. One load stage was slower (3.65
-    ms), three about even (3.41). With the symbol's products (H100), three stages were 1-3%
-    faster than two with 8 columns (2.72 against 2.81 ms at C = 1152, batch 4, 64x64) and
-    up to 15% slower with 4 (0.153 against 0.131 at C = 384, batch 8, 32x32); one stage
-    was 40-55% slower, and a cap of 200 registers 15-18% slower."""
-    lanes = 8 if width > 32 else 4
-    return dict(BLOCK_F=lanes, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64), num_warps=1,
-                num_stages=3 if lanes == 8 else 2, maxnreg=None)
+    """Tiles of `_row_contract_kernel`: BLOCK_F (its LANES) = 16 grid columns of BLOCK_R = 16
+    rows on one warp, whose 2D dots are one MMA tall, over two load stages. The symbol made
+    exactly at a segment's first column (five special functions an entry, and the loads of
+    six coefficient planes) serves 16 columns instead of 8. On an H100 (bf16, batch 4,
+    `_contract` alone, ms, 8 columns of the kernel before -> 16 columns): 128x128 grid, C =
+    1152 9.10 -> 7.95, C = 1024 6.98 -> 6.12, C = 768 3.97 -> 3.49, C = 384 1.06 -> 0.93;
+    64x64 2.33 -> 2.32 (C = 1152) and 0.29 -> 0.30 (C = 384); 32x32 (4 columns before)
+    0.81 -> 0.72 (C = 1152). Three stages were 15-18% slower at 128x128. Earlier, with 8
+    columns, on an H200 (C = 1152, batch 4, 64x64 grid) 16 rows on one warp took 3.32 ms
+    against 3.60 for 32 rows on 2 warps and 5.43 for 64 rows on 4."""
+    return dict(BLOCK_F=16, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64), num_warps=1, num_stages=2,
+                maxnreg=None)
 
 
 def _with_overrides(defaults, tiles, contracted):
@@ -973,8 +1066,8 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
     if steps:
         cfg = _with_overrides(_row_tiles(B, width), tiles, "BLOCK_K")
         lanes = cfg.pop("BLOCK_F")
-        if lanes not in (4, 8):
-            raise ValueError(f"the symbol's steps along the grid rows (tiles ROW_STEPS) take BLOCK_F 4 or 8 grid "
+        if lanes not in (4, 8, 16):
+            raise ValueError(f"the symbol's steps along the grid rows (tiles ROW_STEPS) take BLOCK_F 4, 8 or 16 grid "
                              f"columns; got BLOCK_F {lanes}")
         # On rows of a multiple of lanes plus one columns (the last is Nyquist's, on even grid
         # sides) that last column would take a segment of its own, lanes - 1 columns of it

@@ -166,8 +166,9 @@ def test_planar_real_input_and_output():
     (1, 20, 6, (2, 3), 5, dict(SMALL_2D_TILES, RANK1=False, ROW_STEPS=False)),   # the gradient's exact symbol
     (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles (the gradient's row steps)
     (1, 5, 3, (5, 3), 3, dict(RANK1=True)),   # rank-1 gradient updates on bf16 loads
-    (2, 6, 20, (3, 10), 3, dict(ROW_STEPS=True, BLOCK_F=8)),   # the row kernel (default on wider grids)
+    (2, 6, 20, (3, 10), 3, dict(ROW_STEPS=True, BLOCK_F=8)),   # the row kernel, 8 columns a segment
     (1, 6, 20, (8, 8), 3, dict(ROW_STEPS=True, BLOCK_F=4)),    # rows of 5: the last column in segments of 4 rows
+    (1, 6, 20, (32, 32), 3, dict(ROW_STEPS=True, BLOCK_F=16)),  # rows of 17: 16 columns, then 16 rows of the last
 ])
 def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
     check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles)
@@ -183,6 +184,9 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
     ((3, 10), 8),    # rows of 6 in tiles of 8: two columns masked past every row's end
     ((5, 2), 8),     # rows of 2
     ((2, 64), 8),    # rows of 33: the coefficient gradient steps 32 columns from each row's start
+    ((32, 32), 16),  # rows of 17 in tiles of 16 (two halves of 8), the 17th column in segments of 16 rows
+    ((2, 22), 16),   # rows of 12: the second half of the tile holds 4 columns
+    ((2, 40), 16),   # rows of 21: the second tile's 5 columns all in its first half
 ])
 def test_row_steps_match_reference(grid_size, lanes):
     # The symbol stepped along the rows of the rfft2 grid, in float32 dots: the products
@@ -194,7 +198,7 @@ def test_row_steps_match_reference(grid_size, lanes):
 
 
 @runs_here
-@pytest.mark.parametrize("lanes", [4, 8])
+@pytest.mark.parametrize("lanes", [4, 8, 16])
 def test_row_products_out_of_range_take_exp2_steps(lanes):
     # tau K = 100 [[1, -1], [-1, 1]] (a diffusion along the diagonal) on a 16x16 grid: on the
     # row k_y = m dk, |S| peaks at column m and is below 2^-126 four columns before it, so
@@ -334,9 +338,9 @@ def test_torch_compile_fullgraph():
 @needs_cuda
 @pytest.mark.parametrize("c,grid_size,batch", [
     (384, (32, 32), 64),    # 2D product tiles, 64 x 32 gradient tiles over two stages
-    (384, (32, 32), 8),     # the row kernel's 4 columns, 64 x 16 gradient tiles
+    (384, (32, 32), 8),     # the row kernel's 16 columns and 16 rows of the last, 64 x 16 gradient tiles
     (1152, (16, 16), 4),    # 3D product tiles, 64 x 32 gradient tiles over three stages
-    (384, (64, 64), 4),     # the row kernel's 8 columns
+    (384, (64, 64), 4),     # the row kernel's 16 columns, two segments a row
 ])
 def test_bf16_model_size_on_cuda(c, grid_size, batch):
     check_bf16_against_reference(1, c, c, grid_size, batch, None)
