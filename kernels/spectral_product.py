@@ -512,8 +512,9 @@ def _products_in_range(low_ptr, high_ptr, QUAD, ROW, LANES: tl.constexpr):
     S, the ratios R = 2^st e^(1j ...) and q = 2^cu are normal floats: |st| and |cu| at
     most 120 keep R and q so, and (LANES - 1) st at most 85 means that S, lost below
     2^-126, cannot grow back past 2^-41 within a segment. (S past 2^128 is inf on every
-    path.) A PDESSM at its initialization is within these on grids of 32 tokens and
-    more; a diffusion or convection grown large takes the exp2 steps."""
+    path.) A PDESSM at its initialization is within these in segments of 16 columns on
+    grids of 128 tokens a side (of 8 from 64, of 4 from 32); a diffusion or convection
+    grown large, or the default 16 columns on smaller grids, take the exp2 steps."""
     c0_low, c1_low = tl.load(low_ptr + QUAD), tl.load(low_ptr + 1)
     c0_high, c1_high = tl.load(high_ptr + QUAD), tl.load(high_ptr + 1)
     dk = 3.141592653589793 / tl.maximum(ROW - 1, 1)
@@ -988,7 +989,7 @@ def _row_tiles(B, width):
     exactly at a segment's first column (five special functions an entry, and the loads of
     six coefficient planes) serves 16 columns instead of 8. On an H100 (bf16, batch 4,
     `_contract` alone, ms, 8 columns of the kernel before -> 16 columns): 128x128 grid, C =
-    1152 9.10 -> 7.95, C = 1024 6.98 -> 6.12, C = 768 3.97 -> 3.49, C = 384 1.06 -> 0.93;
+    1152 9.1 -> 7.9-8.6, C = 1024 6.98 -> 6.17, C = 768 3.97 -> 3.49, C = 384 1.06 -> 0.94;
     64x64 2.33 -> 2.32 (C = 1152) and 0.29 -> 0.30 (C = 384); 32x32 (4 columns before)
     0.81 -> 0.72 (C = 1152). Three stages were 15-18% slower at 128x128. Earlier, with 8
     columns, on an H200 (C = 1152, batch 4, 64x64 grid) 16 rows on one warp took 3.32 ms

@@ -233,13 +233,14 @@ def products_in_range(a_re, quad, line, lanes):
 
 @runs_here
 @pytest.mark.parametrize("line", ["row", "column"])
-@pytest.mark.parametrize("size,lanes", [(32, 4), (64, 8), (128, 8)])
+@pytest.mark.parametrize("size,lanes", [(32, 4), (64, 8), (128, 8), (128, 16)])
 def test_products_in_range_bounds_the_grid(size, lanes, line):
     # `_products_in_range` bounds the exponent's differences in closed form, along the rows
     # and along the last column (k_x = pi) from k_y = 0 outwards in either half, which the
     # row kernel steps too. Where it says in range, the differences computed on the grid
     # (float64) are within its limits; it says so for a PDESSM at initialization (sigma up
-    # to 8 tokens) and for the tests' coefficients, and not for those grown 30 times.
+    # to 8 tokens; 16 columns, the default, from 128x128 on) and for the tests' coefficients,
+    # and not for those grown 30 times.
     width = size // 2 + 1
     phi_re, _ = pde_ssm._frequency_features((size, size), DEVICE, torch.float64)
     quad, extent = (0, width) if line == "row" else (2, size // 2 + 1)
