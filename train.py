@@ -227,6 +227,15 @@ def gradient_norm(params):
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def clip_gradients(params, max_norm, total_norm):
+    """Scale the gradients of params in place so that their 2-norm, total_norm (a device tensor,
+    computed already), is at most max_norm, as torch.nn.utils.clip_grad_norm_ does without
+    computing the norm again (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (total_norm + 1e-6), max=1.0))
+
+
 def weights_digest(model):
     """SHA-256 of every parameter and buffer, to check that all DDP ranks hold the same weights."""
     digest = hashlib.sha256()
@@ -367,7 +376,9 @@ def train(args, rank, world_size, device):
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # the clipped and logged norms are those of the true gradient
         group_norms = [gradient_norm(params) for params in groups.values()]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        grad_norm = torch.linalg.vector_norm(torch.stack(group_norms))   # the groups partition the gradient
+        if args.max_grad_norm:
+            clip_gradients([p for params in groups.values() for p in params], args.max_grad_norm, grad_norm)
         scaler.step(opt)
         scaler.update()
         update_ema(ema, model, args.ema_decay)

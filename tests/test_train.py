@@ -215,6 +215,27 @@ def test_update_ema_is_the_convex_combination():
         torch.testing.assert_close(e.detach(), want)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_gradients_matches_clip_grad_norm(max_norm):
+    """Clipping from the norm computed once (`gradient_norm`) scales the gradients as torch's
+    clip_grad_norm_ does, which computes it itself: down to max_norm when above it (0.5 against a
+    norm of about 4), unchanged when below (100)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(3, 4), (5,), (2, 2, 2)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected = [p.grad.clone() for p in params]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, g in zip(reference, expected):
+        r.grad = g
+    norm = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    train.clip_gradients(params, max_norm, train.gradient_norm(params))
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.grad, r.grad)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert clipped.item() == pytest.approx(min(max_norm, norm.item()), rel=1e-5)
+
+
 def test_gradient_clipping_shrinks_the_first_adam_step(tmp_path, npz_data):
     """AdamW's first step moves every weight with a gradient by about lr (m / sqrt(v) = sign g); a
     gradient clipped to norm 1e-9 is far below Adam's eps = 1e-8, so the step shrinks to a small
