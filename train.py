@@ -378,7 +378,7 @@ def train(args, rank, world_size, device):
         group_norms = [gradient_norm(params) for params in groups.values()]
         grad_norm = torch.linalg.vector_norm(torch.stack(group_norms))   # the groups partition the gradient
         if args.max_grad_norm:
-            clip_gradients([p for params in groups.values() for p in params], args.max_grad_norm, grad_norm)
+            clip_gradients(model.parameters(), args.max_grad_norm, grad_norm)
         scaler.step(opt)
         scaler.update()
         update_ema(ema, model, args.ema_decay)

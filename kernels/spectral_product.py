@@ -983,7 +983,7 @@ def _grad_tiles(B, c_out, c_in, groups, F, device, precision, steps):
                 num_stages=stages, maxnreg=maxnreg)
 
 
-def _row_tiles(B, width):
+def _row_tiles(B):
     """Tiles of `_row_contract_kernel`: BLOCK_F (its LANES) = 16 grid columns of BLOCK_R = 16
     rows on one warp, whose 2D dots are one MMA tall, over two load stages. The symbol made
     exactly at a segment's first column (five special functions an entry, and the loads of
@@ -1065,7 +1065,7 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
     strides = (*src.stride(), *dst.stride(), *coef.stride())
     options = dict(ADJOINT=adjoint, PRECISION=precision, SPECIAL_SINCOS=_special_sincos(precision))
     if steps:
-        cfg = _with_overrides(_row_tiles(B, width), tiles, "BLOCK_K")
+        cfg = _with_overrides(_row_tiles(B), tiles, "BLOCK_K")
         lanes = cfg.pop("BLOCK_F")
         if lanes not in (4, 8, 16):
             raise ValueError(f"the symbol's steps along the grid rows (tiles ROW_STEPS) take BLOCK_F 4, 8 or 16 grid "
