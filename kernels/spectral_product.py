@@ -847,15 +847,18 @@ def _grad_coefficients_kernel(grad_ptr, x_ptr, dy_ptr, coef_ptr, phi_re_ptr, phi
 RANK1_MAX_BATCH = 4
 
 # Products of bf16 spectra of at most ROW_MAX_BATCH batch entries on grids of at least
-# ROW_MIN_WIDTH rfft2 columns (32 tokens wide) take `_row_contract_kernel`: on an H200
-# (bf16, 16 rows on one warp, 8 columns, the symbol stepped by exp2 and rotations) it
-# took 11.63 ms against 15.48 for `_contract_kernel` at C = 1152, batch 4, 128x128 grid,
-# 3.29 against 3.95 on 64x64, 1.35 against 1.75 at C = 384, batch 4, 128x128, 0.408
-# against 0.447 at batch 8 on 64x64; 0.136 against 0.140 at batch 8 on 32x32 (4
-# columns), 0.559 against 0.568 at batch 16 on 64x64, and 0.052 against 0.050 at batch
-# 4 on 16x16. In tf32 it gained at most 8% (1.85 against 2.01 ms at C = 384, batch 4,
-# 128x128) and lost at 32x32. The symbol's products took it from 11.5 to 9.9 ms at
-# C = 1152, batch 4, 128x128 (H100).
+# ROW_MIN_WIDTH rfft2 columns (32 tokens wide) take `_row_contract_kernel`. Up to 8 entries
+# a column's sums are one 8-wide MMA's accumulators (4 registers a thread for each of the
+# two sums), so 16 columns of them take 128 of a thread's 255 registers; 16 entries would
+# need 256. The bounds were set with the first row kernel (H200, bf16, 16 rows on one warp,
+# 8 columns, the symbol stepped by exp2 and rotations), against `_contract_kernel`: 11.63
+# against 15.48 ms at C = 1152, batch 4, 128x128 grid, 3.29 against 3.95 on 64x64, 1.35
+# against 1.75 at C = 384, batch 4, 128x128, 0.408 against 0.447 at batch 8 on 64x64;
+# 0.136 against 0.140 at batch 8 on 32x32 (4 columns), 0.559 against 0.568 at batch 16 on
+# 64x64, and 0.052 against 0.050 at batch 4 on 16x16. In tf32 it gained at most 8% (1.85
+# against 2.01 ms at C = 384, batch 4, 128x128) and lost at 32x32. Its products and
+# segments of 16 columns (`_row_tiles`) have since taken C = 1152, batch 4, 128x128 from
+# 11.5 to 7.9 ms (H100).
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
