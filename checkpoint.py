@@ -39,12 +39,16 @@ def atomic_write(path, mode="wb", durable=True):
     """
     Open a hidden temporary file beside `path` for writing; when the block ends without error it is
     renamed to `path` (after an fsync when durable), else removed. Readers in other processes and
-    interrupted writers never leave or see a half-written `path`.
+    interrupted writers never leave or see a half-written `path`. `path` gets the permissions that
+    open() would give a new file (mkstemp's own are owner-only).
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, mode) as f:
             yield f
             if durable:

@@ -27,6 +27,14 @@ def seed_for(*keys):
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
+def positive_int(text):
+    """argparse type of a count: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def precision_for(training_precision):
     """The sampling precision of a model trained at training_precision: bf16 for bf16, else fp32."""
     return "bf16" if training_precision == "bf16" else "fp32"
@@ -72,6 +80,9 @@ def sample_grid(model, path, noise_shape, class_labels=None, per_class=8, seed=0
     device = next(model.parameters()).device
     if model.num_classes > 0:
         class_labels = list(range(min(model.num_classes, 10))) if class_labels is None else class_labels
+        if not class_labels or not all(0 <= label < model.num_classes for label in class_labels):
+            raise ValueError(f"class labels must be a non-empty list of classes 0 to {model.num_classes - 1} of "
+                             f"the model; got {class_labels}")
         labels = torch.tensor(class_labels, device=device).repeat_interleave(per_class)
     elif class_labels:
         raise ValueError(f"the model is unconditional (num_classes=0) and takes no class labels, got {class_labels}")
@@ -127,7 +138,7 @@ def parse_args(argv=None):
                         help="network precision while sampling (bf16: autocast, the precision of bf16 training)")
     parser.add_argument("--class-labels", type=int, nargs="*", default=None,
                         help="one grid row per label (default: classes 0..9 of a class-conditional model)")
-    parser.add_argument("--per-class", type=int, default=8, help="samples per row")
+    parser.add_argument("--per-class", type=positive_int, default=8, help="samples per row")
     return parser.parse_args(argv)
 
 

@@ -8,9 +8,12 @@ depend on the number of processes. Batches are fixed blocks of indices, dealt ro
 ranks; a block whose PNGs all exist is skipped, so an interrupted run resumes where it stopped and
 produces exactly what one uninterrupted run would. Writes <sample-dir>/<name>/<index:06d>.png and
 <sample-dir>/<name>.npz with "arr_0" uint8 (N, H, W, C) (ADM's format) and, for a class-conditional
-model, the labels int64 (N,) as "arr_1" and "labels".
+model, the labels int64 (N,) as "arr_1" and "labels". <name>/sampling.json records the checkpoint
+(step and training flags) and VAE folder the images come from; a folder that records another model
+is refused rather than mixed into.
 """
 import argparse
+import json
 import os
 
 import numpy as np
@@ -47,6 +50,29 @@ def load_png(path):
     return array[..., None] if array.ndim == 2 else array
 
 
+# A sample folder's record of what its images come from beyond its name: the checkpoint's step and
+# training flags, and the VAE folder that decodes them.
+RECORD = "sampling.json"
+
+
+def check_sample_record(folder, args, state):
+    """The record of folder's samples for this checkpoint and these flags; ValueError when the folder
+    already records another (its images are another model's: a run of the same folder name from other
+    flags or another --results-dir, or another --vae-path)."""
+    record = json.loads(json.dumps({"checkpoint": os.path.abspath(args.ckpt), "step": state["step"],
+                                    "training_flags": state["args"], "vae_path": args.vae_path}))
+    path = os.path.join(folder, RECORD)
+    if os.path.isfile(path):
+        with open(path) as f:
+            held = json.load(f)
+        diffs = [key for key in ("step", "training_flags", "vae_path") if held.get(key) != record[key]]
+        if diffs:
+            raise ValueError(f"{folder} holds samples of {held.get('checkpoint')}, which differs from {args.ckpt} "
+                             f"in {', '.join(diffs)}; pass another --sample-dir, or remove the folder to sample "
+                             "it anew")
+    return record
+
+
 def main(args):
     """Sample, save the PNGs and the npz; returns the npz path."""
     joined_before = dist.is_initialized()
@@ -60,9 +86,13 @@ def main(args):
         name = (f"{run}-{state['step']:07d}-{args.sampler}-{args.num_sampling_steps}-cfg-{args.cfg_scale:g}"
                 f"-seed-{args.global_seed}" + ("" if args.precision == "fp32" else f"-{args.precision}"))
         folder = os.path.join(args.sample_dir, name)
+        # Every rank checks the folder's record before rank 0 may write it, so a mismatch stops them all.
+        record = check_sample_record(folder, args, state)
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
             existing = sum(os.path.isfile(png_path(folder, i)) for i in range(args.num_samples))
+            with atomic_write(os.path.join(folder, RECORD), "w", durable=False) as f:
+                json.dump(record, f, indent=1)
         if dist.is_initialized():
             dist.barrier()
 
@@ -85,7 +115,8 @@ def main(args):
             arrays = {"arr_0": np.stack([load_png(png_path(folder, i)) for i in range(args.num_samples)])}
             if num_classes:
                 arrays["arr_1"] = arrays["labels"] = np.arange(args.num_samples, dtype=np.int64) % num_classes
-            np.savez(folder + ".npz", **arrays)
+            with atomic_write(folder + ".npz") as f:
+                np.savez(f, **arrays)
             print(f"Kept {existing} existing and wrote {args.num_samples - existing} new samples in {folder}/; "
                   f"saved {folder}.npz with arr_0 uint8 {arrays['arr_0'].shape}"
                   + (f" and labels int64 ({args.num_samples},) as arr_1 and labels" if num_classes else ""))
@@ -100,8 +131,8 @@ def parse_args(argv=None):
     parser.add_argument("--vae-path", type=str, default=None,
                         help="local VAE folder for a latent-space checkpoint (default: the VAE it was trained with)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="where the sample folder and .npz go")
-    parser.add_argument("--num-samples", type=int, default=50_000, help="number of samples (50K for FID)")
-    parser.add_argument("--per-proc-batch-size", type=int, default=32, help="samples per forward batch on each process")
+    parser.add_argument("--num-samples", type=sample.positive_int, default=50_000, help="number of samples (50K for FID)")
+    parser.add_argument("--per-proc-batch-size", type=sample.positive_int, default=32, help="samples per forward batch on each process")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (DiT's FID setting)")
     parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")

@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import time
 from copy import deepcopy
@@ -34,7 +35,7 @@ import datasets
 import flow
 import models
 import sample
-from pde_ssm import PDESSM
+from pde_ssm import PDESSM, TERMS
 
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -175,31 +176,47 @@ def run_name(args):
 
 def pick_run_dir(args):
     """
-    The run folder: --run-dir; else for an explicit --resume the run holding that file; else for
-    --resume auto the latest run of this model that has checkpoints; else a new numbered folder.
+    The run folder: --run-dir; else for an explicit --resume the run holding that file (a file outside
+    a run's checkpoints/ starts a new run); else for --resume auto the latest run of this model that
+    has checkpoints; else a new folder numbered one past the highest number in --results-dir.
     """
     if args.run_dir is not None:
         return args.run_dir
     if args.resume not in (None, "auto"):
-        return os.path.dirname(os.path.dirname(os.path.abspath(args.resume)))
+        folder = os.path.dirname(os.path.abspath(args.resume))
+        if os.path.basename(folder) == "checkpoints":
+            return os.path.dirname(folder)
     if args.resume == "auto":
         runs = sorted(glob.glob(os.path.join(args.results_dir, f"[0-9][0-9][0-9]-{glob.escape(run_name(args))}")))
         for run_dir in reversed(runs):
             if glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
                 return run_dir
-    index = len(glob.glob(os.path.join(args.results_dir, "*")))
+    names = os.listdir(args.results_dir) if os.path.isdir(args.results_dir) else []
+    index = 1 + max((int(name[:3]) for name in names if re.match(r"\d{3}-", name)), default=-1)
     return os.path.join(args.results_dir, f"{index:03d}-{run_name(args)}")
 
 
+# Flags a resumed run must share with its checkpoint besides the model: the data, and the seed and
+# global batch that place the data sampler where the checkpoint left it.
+RESUME_FLAGS = ("image_size", "space", "dataset", "global_seed", "global_batch_size")
+
+
 def check_resumable(state, path, args, model_kwargs):
-    """ValueError when checkpoint `state` was trained with another model, image size or space than the flags."""
-    saved = dict(state["model_kwargs"], model=state["args"]["model"], image_size=state["args"]["image_size"],
-                 space=state["args"]["space"])
-    current = dict(model_kwargs, model=args.model, image_size=args.image_size, space=args.space)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, flags {v!r}" for k, v in current.items() if saved.get(k) != v]
+    """ValueError when checkpoint `state` was trained with another model or RESUME_FLAGS than the flags
+    (flags that older checkpoints did not save are not compared)."""
+    def model_config(kwargs, model):
+        # PDE terms given as all of them are the default, as when not given.
+        terms = kwargs.get("pdessm_terms")
+        return dict(kwargs, model=model, pdessm_terms=None if terms is None or set(terms) == set(TERMS) else
+                    tuple(sorted(terms)))
+    saved = dict(model_config(state["model_kwargs"], state["args"]["model"]),
+                 **{k: state["args"][k] for k in RESUME_FLAGS if k in state["args"]})
+    current = dict(model_config(model_kwargs, args.model), **{k: getattr(args, k) for k in RESUME_FLAGS})
+    diffs = [f"{k}: checkpoint {saved[k]!r}, flags {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
     if diffs:
-        raise ValueError(f"checkpoint {path} does not match the flags ({'; '.join(diffs)}); pass the flags "
-                         "it was trained with, or start a new run with another --run-dir")
+        raise ValueError(f"checkpoint {path} does not match the flags ({'; '.join(diffs)}); --resume continues "
+                         "a run where it stopped (model, optimizer, data order): pass the flags it was trained "
+                         "with, or leave out --resume for a new run")
 
 
 def gradient_groups(model):
@@ -564,7 +581,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume", type=str, default=None,
                         help="checkpoint to continue from, or 'auto' for the newest good one of the run "
                              "(model, EMA, optimizer, step and data order continue; random flips exactly "
-                             "so only with --num-workers 0)")
+                             "so only with --num-workers 0); the model, --image-size, --space, --dataset, "
+                             "--global-seed and --global-batch-size must be the checkpoint's")
     parser.add_argument("--fail-at-step", type=int, default=-1,
                         help="fault injection for tests: the last rank exits abruptly at this step on "
                              "torchrun's first attempt (-1: never)")

@@ -101,8 +101,8 @@ def test_sample_ddp_writes_npz_and_resumes(tmp_path, ckpt):
     assert images.std() > 0
 
     folder = npz[:-len(".npz")]
-    pngs = sorted(os.listdir(folder))
-    assert pngs == [f"{i:06d}.png" for i in range(10)]
+    pngs = [f"{i:06d}.png" for i in range(10)]
+    assert sorted(os.listdir(folder)) == pngs + [sample_ddp.RECORD]
     old = 1_000_000_000  # mark the kept files with an old mtime: a rewrite would change it
     for name in pngs:
         os.utime(os.path.join(folder, name), (old, old))
@@ -114,6 +114,31 @@ def test_sample_ddp_writes_npz_and_resumes(tmp_path, ckpt):
         assert (os.stat(os.path.join(folder, name)).st_mtime == old) == (i not in (5, 9))
     with np.load(npz) as f:
         np.testing.assert_array_equal(f["arr_0"], images)  # the redone samples are the same as before
+
+
+def test_sample_ddp_refuses_a_folder_of_another_model(tmp_path, ckpt):
+    # A run of the same folder name elsewhere, from other flags, samples into the same folder name.
+    run_dir = os.path.dirname(os.path.dirname(ckpt))
+    other_dir = tmp_path / os.path.basename(run_dir)
+    train.main(train.parse_args(TINY + ["--model", "DiT-T/4", "--max-steps", "2", "--lr", "1e-3",
+                                        "--run-dir", str(other_dir)]))
+    flags = ["--sample-dir", str(tmp_path / "samples"), "--num-samples", "2", "--num-sampling-steps", "1"]
+    npz = sample_ddp.main(sample_ddp.parse_args(["--ckpt", ckpt] + flags))
+    with pytest.raises(ValueError, match="holds samples of .*differs from .* in training_flags"):
+        sample_ddp.main(sample_ddp.parse_args(["--ckpt", checkpoint.checkpoint_path(other_dir, 2)] + flags))
+    assert sample_ddp.main(sample_ddp.parse_args(["--ckpt", ckpt] + flags)) == npz  # its own model goes on
+
+
+def test_sample_inputs_are_checked(tmp_path, ckpt, capsys):
+    for flags in (["--per-class", "0"], ["--num-samples", "0"], ["--per-proc-batch-size", "-1"]):
+        script = sample if flags[0] == "--per-class" else sample_ddp
+        with pytest.raises(SystemExit):
+            script.parse_args(["--ckpt", ckpt] + flags)
+        assert "expected a positive integer" in capsys.readouterr().err
+    for labels in (["10"], []):  # 10 classes: 0 to 9
+        with pytest.raises(ValueError, match="classes 0 to 9"):
+            sample.main(sample.parse_args(["--ckpt", ckpt, "--out", str(tmp_path / "grid.png"),
+                                           "--num-sampling-steps", "1", "--class-labels", *labels]))
 
 
 def test_latent_pipeline_with_a_local_vae(tmp_path):

@@ -120,12 +120,54 @@ def test_bad_resume_fails_and_touches_nothing(tmp_path, npz_data, straight_run):
     with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
         run(straight_run, "--max-steps", "9", data=npz_data)
 
+    # The data order continues only with the data, seed and global batch it was drawn with.
+    with pytest.raises(ValueError, match="global_seed: checkpoint 0, flags 7"):
+        run(straight_run, "--resume", ckpt6, "--global-seed", "7", data=npz_data)
+    with pytest.raises(ValueError, match="global_batch_size: checkpoint 8, flags 4"):
+        run(straight_run, "--resume", ckpt6, "--global-batch-size", "4", data=npz_data)
+    with pytest.raises(ValueError, match="dataset: checkpoint 'npz', flags 'digits'"):
+        run(straight_run, "--resume", ckpt6)
+
     truncated = tmp_path / "0000006.pt"
     truncated.write_bytes(open(ckpt6, "rb").read()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         run(tmp_path / "run", "--resume", str(truncated), data=npz_data)
     assert truncated.stat().st_size == 1000 and not (tmp_path / "run").exists()
     assert fingerprint(straight_run) == before
+
+
+def test_resume_takes_all_pde_terms_as_the_default():
+    args = train.parse_args(TINY + ["--model", "PDESSM-DiT-T/4"])
+    state = {"model_kwargs": dict(mixer=None, input_size=8), "args": vars(args)}
+    for terms in (("reaction", "diffusion", "convection"), None):
+        train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_terms=terms))
+    with pytest.raises(ValueError, match=r"pdessm_terms: checkpoint None, flags \('diffusion',\)"):
+        train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_terms=("diffusion",)))
+
+
+def test_new_runs_are_numbered_past_the_highest(tmp_path):
+    for name in ("000-DiT-T-4", "004-DiT-T-4", "notes.txt"):  # 001 to 003 were deleted
+        (tmp_path / name).mkdir()
+    args = train.parse_args(TINY + ["--results-dir", str(tmp_path)])
+    assert train.pick_run_dir(args) == str(tmp_path / "005-DiT-T-4")
+    # A checkpoint outside a run's checkpoints/ folder starts a new run rather than writing beside it.
+    args = train.parse_args(TINY + ["--results-dir", str(tmp_path), "--resume", str(tmp_path / "pretrained.pt")])
+    assert train.pick_run_dir(args) == str(tmp_path / "005-DiT-T-4")
+    args.resume = str(tmp_path / "004-DiT-T-4" / "checkpoints" / "0000003.pt")
+    assert train.pick_run_dir(args) == str(tmp_path / "004-DiT-T-4")
+
+
+def test_atomic_writes_get_the_permissions_of_open(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with checkpoint.atomic_write(tmp_path / "atomic.bin") as f:
+            f.write(b"x")
+        with open(tmp_path / "plain.bin", "wb") as f:
+            f.write(b"x")
+    finally:
+        os.umask(umask)
+    modes = [os.stat(tmp_path / name).st_mode & 0o777 for name in ("atomic.bin", "plain.bin")]
+    assert modes == [0o644, 0o644]
 
 
 def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch):
