@@ -12,7 +12,6 @@ results.md (the side-by-side table, also printed), and the two run folders train
 again continues from the runs' checkpoints instead of starting over.
 """
 import argparse
-import json
 import os
 import time
 
@@ -29,6 +28,7 @@ import datasets
 import sample
 import train
 from evaluate import frechet_distance
+from visualize import read_metrics
 
 MODELS = ("DiT-T/2", "PDESSM-DiT-T/2")
 IMAGE_SIZE = 16
@@ -55,7 +55,7 @@ def main(args):
             "--model", name, "--dataset", "digits", "--image-size", str(IMAGE_SIZE), "--num-classes", str(NUM_CLASSES),
             "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--ema-decay", str(args.ema_decay), "--global-seed", str(args.seed), "--num-workers", "0",
-            "--log-every", "25", "--ckpt-every", str(max(args.steps // 4, 1)), "--sample-every", "0",
+            "--log-every", str(log_every(args)), "--ckpt-every", str(max(args.steps // 4, 1)), "--sample-every", "0",
             "--run-dir", os.path.join(args.out, name.replace("/", "-")), "--resume", "auto"]))
         train_time = time.time() - start
         model, state = checkpoint.load_model(checkpoint.checkpoint_path(run_dir, args.steps), "cpu")
@@ -70,18 +70,20 @@ def main(args):
 
         grid = images.reshape(NUM_CLASSES, args.per_class, 1, IMAGE_SIZE, IMAGE_SIZE)[:, :10].flatten(0, 1)
         grid_path = os.path.join(args.out, name.replace("/", "-") + ".png")
-        # Ten per class, one row per digit, each pixel shown as 4x4 so the 16x16 samples are visible.
-        save_image(F.interpolate(grid, scale_factor=4, mode="nearest"), grid_path, nrow=10, padding=4,
+        # Up to ten per class, one row per digit, each pixel shown as 4x4 so the 16x16 samples are visible.
+        save_image(F.interpolate(grid, scale_factor=4, mode="nearest"), grid_path, nrow=min(args.per_class, 10),
+                   padding=4,
                    normalize=True, value_range=(-1, 1))
         predicted = classifier.predict(pooled(images))
         results[name] = dict(
             params=sum(p.numel() for p in model.parameters()), steps=state["step"], train_time=train_time,
+            recipe=state["args"],  # the flags its checkpoint was trained with, which a rerun may not repeat
             sample_time=sample_time, grid=grid_path, run_dir=run_dir,
             accuracy=[float(np.mean(predicted[labels.numpy() == k] == k)) for k in range(NUM_CLASSES)],
             overall=float(np.mean(predicted == labels.numpy())), fd=pixel_frechet_distance(images, real_images))
         print(f"{name}: wrote {grid_path}")
 
-    plot_losses(results, os.path.join(args.out, "loss.png"))
+    plot_losses(results, os.path.join(args.out, "loss.png"), log_every(args))
     table = results_table(results, real_accuracy, real_fd, args)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
@@ -109,16 +111,18 @@ def pixel_frechet_distance(a, b):
     return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
-def plot_losses(results, path):
+def log_every(args):
+    """Training steps between logged losses: 25, or every step of a shorter run."""
+    return max(1, min(25, args.steps))
+
+
+def plot_losses(results, path, interval):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, r in results.items():
-        # A rerun appends records; the last one of each step is the run that produced the checkpoint.
-        records = map(json.loads, open(os.path.join(r["run_dir"], "metrics.jsonl")))
-        records = {rec["step"]: rec["loss"] for rec in records if "loss" in rec}
-        steps = sorted(records)
-        ax.plot(steps, [records[s] for s in steps], label=name)
+        points = [(rec["step"], rec["loss"]) for rec in read_metrics(r["run_dir"]) if "loss" in rec]
+        ax.plot(*zip(*points), label=name)
     ax.set_xlabel("training step")
-    ax.set_ylabel("flow-matching loss (mean of 25 steps)")
+    ax.set_ylabel(f"flow-matching loss (mean of {interval} steps)")
     ax.set_title("Training on digits (16x16)")
     ax.legend()
     fig.tight_layout()
@@ -129,7 +133,10 @@ def plot_losses(results, path):
 def results_table(results, real_accuracy, real_fd, args):
     names = list(results)
     rows = [("parameters", [f"{results[n]['params']:,}" for n in names], "")]
-    rows.append(("training steps (batch %d)" % args.batch_size, [str(results[n]["steps"]) for n in names], ""))
+    rows.append(("training steps", [str(results[n]["steps"]) for n in names], ""))
+    rows += [(label, [fmt.format(results[n]["recipe"][key]) for n in names], "")
+             for label, key, fmt in (("batch", "global_batch_size", "{}"), ("learning rate", "lr", "{:g}"),
+                                     ("EMA decay", "ema_decay", "{:g}"))]
     rows.append(("training time (this call)", [f"{results[n]['train_time'] / 60:.1f} min" for n in names], ""))
     rows.append((f"sampling time ({NUM_CLASSES * args.per_class} samples)",
                  [f"{results[n]['sample_time']:.0f} s" for n in names], ""))
@@ -142,8 +149,7 @@ def results_table(results, real_accuracy, real_fd, args):
     lines = [f"| | {' | '.join(names)} | real digits |", "|---" * (len(names) + 2) + "|"]
     lines += [f"| {label} | {' | '.join(values)} | {ref} |" for label, values, ref in rows]
     setup = (f"Class-conditional samples: {args.per_class} per class, {args.sampler} with {args.num_sampling_steps} "
-             f"steps, guidance scale {args.cfg_scale:g}, seed {args.seed}; EMA weights (decay {args.ema_decay:g}), "
-             f"learning rate {args.lr:g}.")
+             f"steps, guidance scale {args.cfg_scale:g}, seed {args.seed}; EMA weights.")
     return "\n".join(lines) + "\n\n" + setup + "\n"
 
 

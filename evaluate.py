@@ -155,7 +155,8 @@ def precision_recall(ref_features, sample_features, k=3):
 
 
 def inception_score(logits):
-    """IS of class logits (N, C) as ADM computes it: exp E[KL(p(y|x) || p(y))] over chunks of 5,000; (mean, std)."""
+    """IS of class logits (N, C): exp E[KL(p(y|x) || p(y))] over ceil(N / 5,000) equal chunks, (mean, std);
+    ADM's chunks of 5,000 where N is a multiple of 5,000 (its 50K samples)."""
     splits = max(1, math.ceil(len(logits) / IS_SPLIT_SIZE))
     out = isc_features_to_metric(torch.from_numpy(logits), splits=splits, shuffle=False)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
@@ -295,6 +296,18 @@ def ensure_inception_weights(timeout=20):
     return path
 
 
+def fid_feature_dim(features="inception", feature_dim=None):
+    """The size of the FID feature layer that build_extractor takes for features and feature_dim (None:
+    the network's default); ValueError for an unknown network or layer."""
+    if features not in EXTRACTORS:
+        raise ValueError(f"unknown feature network {features!r}; choose from {', '.join(EXTRACTORS)}")
+    cls = FEATURE_EXTRACTORS_REGISTRY[EXTRACTORS[features]]
+    layer = cls.get_default_feature_layer_for_metric("fid") if feature_dim is None else str(feature_dim)
+    if layer not in FEATURE_LAYERS[features]:
+        raise ValueError(f"{features} has feature layers {', '.join(FEATURE_LAYERS[features])}, not {layer}")
+    return int(layer)
+
+
 @functools.lru_cache(maxsize=4)
 def build_extractor(features="inception", feature_dim=None, weights=None, device="cpu"):
     """
@@ -303,12 +316,8 @@ def build_extractor(features="inception", feature_dim=None, weights=None, device
     fmnist) and the class logits for IS. weights: a weights file (default: torch hub's Inception weights,
     results/fmnist_classifier.pt). Cached, so a training loop builds it once.
     """
-    if features not in EXTRACTORS:
-        raise ValueError(f"unknown feature network {features!r}; choose from {', '.join(EXTRACTORS)}")
     cls = FEATURE_EXTRACTORS_REGISTRY[EXTRACTORS[features]]
-    layer = cls.get_default_feature_layer_for_metric("fid") if feature_dim is None else str(feature_dim)
-    if layer not in FEATURE_LAYERS[features]:
-        raise ValueError(f"{features} has feature layers {', '.join(FEATURE_LAYERS[features])}, not {layer}")
+    layer = str(fid_feature_dim(features, feature_dim))
     if features == "inception" and weights is None:
         weights = ensure_inception_weights()
     extractor = cls(EXTRACTORS[features], [layer, cls.get_default_feature_layer_for_metric("isc")],
@@ -394,8 +403,22 @@ def stats_cache_path(ref, net_name, split="train"):
         base += f".{split}"
     path = f"{base}.{net_name}.stats.npz"
     if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-        path = os.path.join("results", "ref_stats", os.path.basename(path))
+        # Named by the reference's full path as well, so that references of one name do not share it.
+        where = hashlib.sha1(os.path.abspath(ref).encode()).hexdigest()[:8]
+        path = os.path.join("results", "ref_stats", f"{where}-{os.path.basename(path)}")
     return path
+
+
+def reference_fingerprint(ref):
+    """A short hash of the size and modification time of the file ref, or of every file under the folder
+    ref with its path: cached statistics are reused only while no image of the reference changed."""
+    files = [ref] if os.path.isfile(ref) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(ref) for name in names)
+    digest = hashlib.sha1()
+    for file in files:
+        info = os.stat(file)
+        digest.update(f"{os.path.relpath(file, ref)}:{info.st_size}:{info.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_statistics_file(path, extractor):
@@ -424,7 +447,7 @@ def reference_statistics(ref, extractor, split="train", batch_size=100, with_fea
     path = stats_cache_path(ref, feature_net_name(extractor), split)
     if not os.path.exists(ref):
         raise FileNotFoundError(f"reference {ref} not found")
-    key = f"{weights_fingerprint(extractor)}:{os.stat(ref).st_mtime_ns}"
+    key = f"{weights_fingerprint(extractor)}:{reference_fingerprint(ref)}"
     if os.path.isfile(path):
         with np.load(path) as data:
             if str(data["cache_key"]) == key:

@@ -2,7 +2,7 @@
 Encode a dataset with the VAE once, so latent-space training reads latents instead of encoding every step.
 
     python extract_features.py --dataset imagefolder --data-path /data/imagenet/train --image-size 256
-    python train.py --dataset npz --data-path data/imagefolder-256-latents.npz --space latent --image-size 256
+    python train.py --dataset npz --data-path data/imagefolder-train-256-latents.npz --space latent --image-size 256
 
 Writes one .npz with "latents" float32 (N, C, image-size/8, image-size/8), already multiplied by the
 VAE scale 0.18215, and "labels" int64 (N,). Each latent is one draw of the VAE posterior from a
@@ -37,8 +37,8 @@ def main(args):
         latents.append(checkpoint.encode(vae, x.to(device), generator).float().cpu().numpy())
         labels.append(y.numpy())
     out = args.out or os.path.join("data", f"{args.dataset}-{args.split}-{args.image_size}-latents.npz")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out, latents=np.concatenate(latents), labels=np.concatenate(labels).astype(np.int64))
+    with checkpoint.atomic_write(out) as f:  # a long encoding never leaves half a file
+        np.savez(f, latents=np.concatenate(latents), labels=np.concatenate(labels).astype(np.int64))
     print(f"Saved {len(dataset):,} latents of shape {latents[0].shape[1:]} with labels to {out}")
     return out
 

@@ -80,6 +80,7 @@ TABLE7_MODEL = {"paper": "PDESSM-DiT-S/2", "tiny": "PDESSM-DiT-T/2"}
 # Defaults per table: the paper's training length and sample count.
 DEFAULT_STEPS = {"table1": 400_000, "table7": 60_000}
 DEFAULT_SAMPLES = {"table1": 10_000, "table7": 256}
+DEFAULT_EVAL_SAMPLES = {"fmnist": 1000, "inception": 5000}  # FID proxy: more samples than features
 TABLE7_FEATURE_DIM = 64  # the paper's Table 7: FID on 64 features
 # train.py's flags that decide what a leg trains: a leg's checkpoint made with other values is another run's.
 RECIPE_FLAGS = ("model", "pdessm_terms", "dataset", "image_size", "global_batch_size", "lr", "ema_decay",
@@ -106,6 +107,12 @@ def main(args):
                 raise ValueError(f"{flag} must exceed the {TABLE7_FEATURE_DIM} features of Table 7's FID "
                                  f"(FID needs more samples than features), got {value}")
         args.fid_set_size = min(args.fid_set_size, args.num_samples)  # fewer samples: one set of them all
+    features = feature_network(args)[0]
+    args.eval_samples = args.eval_samples or DEFAULT_EVAL_SAMPLES[features]
+    proxy_dim = evaluate.fid_feature_dim(features)
+    if args.eval_every and args.eval_samples <= proxy_dim:
+        raise ValueError(f"--eval-samples must exceed the {proxy_dim} features of the FID proxy on {args.dataset} "
+                         f"(FID needs more samples than features), got {args.eval_samples}")
     out_dir = os.path.join(args.results_dir, f"{args.table}-{args.dataset}")
     # TF32 matmuls and convolutions on Ampere and newer GPUs, as DiT's train.py and sample.py allow.
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -340,21 +347,23 @@ def prepare(args, out_dir, device):
 def internal_fid(args, out_dir, device):
     """
     FID between the train and the test split (the floor of Figure 3) on the FID feature network, kept in
-    <out_dir>/internal_fid.json after the first call; None for Inception without its weights.
+    <out_dir>/internal_fid.json after the first call and reused for the same data and network (name and
+    weights); None for Inception without its weights.
     """
-    path = os.path.join(out_dir, "internal_fid.json")
-    cached = read_json(path)
-    if cached is not None and cached["data_path"] == data_path(args):
-        return cached["fid"]
     features, weights = feature_network(args)
     if features == "inception" and not inception_available():
         return None
     extractor = evaluate.build_extractor(features, None, weights, str(device))
+    key = dict(data_path=data_path(args), features=evaluate.feature_net_name(extractor),
+               weights=evaluate.weights_fingerprint(extractor))
+    path = os.path.join(out_dir, "internal_fid.json")
+    cached = read_json(path)
+    if cached is not None and all(cached.get(k) == v for k, v in key.items()):
+        return cached["fid"]
     train_stats, test_stats = (evaluate.reference_statistics(data_path(args), extractor, split, args.eval_batch_size,
                                                              with_features=False)[0] for split in ("train", "test"))
     fid = evaluate.frechet_distance(train_stats["mu"], train_stats["sigma"], test_stats["mu"], test_stats["sigma"])
-    write_json(path, {"fid": fid, "features": evaluate.feature_net_name(extractor), "data_path": data_path(args),
-                      "between": "train and test split"})
+    write_json(path, {"fid": fid, **key, "between": "train and test split"})
     return fid
 
 
@@ -604,8 +613,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-every", type=int, default=0,
                         help="training steps between FID-proxy evaluations (train.py --eval-every; 0: none), "
                              "plotted in curves.png against the internal FID")
-    parser.add_argument("--eval-samples", type=int, default=1000,
-                        help="samples of each FID-proxy evaluation (compare proxies only at equal counts)")
+    parser.add_argument("--eval-samples", type=int, default=None,
+                        help="samples of each FID-proxy evaluation (default 1,000 on Fashion-MNIST's 64 features, "
+                             "5,000 on Inception's 2,048; compare proxies only at equal counts)")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="samples per leg (default 10,000 for table1, compared with the 10,000 test images; "
                              "the paper's FID uses 50,000; 256 for table7, as the paper, and at least 65 there)")

@@ -305,8 +305,15 @@ def train(args, rank, world_size, device):
                         num_classes=args.num_classes, learn_sigma=False)
     if args.pdessm_terms is not None:
         model_kwargs["pdessm_terms"] = tuple(args.pdessm_terms)
-    if args.eval_every and args.eval_ref is None:
-        raise ValueError("--eval-every needs --eval-ref, the reference images of the FID proxy (see evaluate.py)")
+    if args.eval_every:
+        import evaluate  # only runs that evaluate need the feature networks
+        if args.eval_ref is None:
+            raise ValueError("--eval-every needs --eval-ref, the reference images of the FID proxy (see evaluate.py)")
+        dim = evaluate.fid_feature_dim(args.eval_features, args.eval_feature_dim)
+        if args.eval_samples <= dim:
+            raise ValueError(f"--eval-samples {args.eval_samples} is too few for the {dim} features of the FID proxy "
+                             f"({args.eval_features}): FID needs more samples than features; raise --eval-samples "
+                             "or choose a smaller --eval-feature-dim")
 
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
     steps_per_epoch = len(sampler) // local_batch
@@ -486,8 +493,8 @@ def fid_proxy(args, ema, vae, noise_shape, batch_size):
         labels = (indices % args.num_classes).to(device) if args.num_classes > 0 else None
         z = torch.randn(len(indices), *noise_shape, generator=generator).to(device)
         images.append(sample.to_uint8(sample.generate(ema, z, labels, vae=vae, precision=precision)))
-    return evaluate.fid_proxy(np.concatenate(images), args.eval_ref, args.eval_features, split=args.eval_split,
-                              weights=args.eval_weights, device=device)
+    return evaluate.fid_proxy(np.concatenate(images), args.eval_ref, args.eval_features, args.eval_feature_dim,
+                              split=args.eval_split, weights=args.eval_weights, device=device)
 
 
 def log_metrics(logger, metrics_path, rank, device, step, means, grad_norm_max, group_max, steps_per_sec,
@@ -576,6 +583,9 @@ def parse_args(argv=None):
                         help="split of a CIFAR-10 or Fashion-MNIST reference")
     parser.add_argument("--eval-features", type=str, choices=["inception", "fmnist"], default="inception",
                         help="feature network of the FID proxy")
+    parser.add_argument("--eval-feature-dim", type=int, default=None,
+                        help="feature layer of the FID proxy (inception: 64, 192, 768 or 2048; fmnist: 64 or 128; "
+                             "default the network's FID layer, 2048 and 64); --eval-samples must exceed it")
     parser.add_argument("--eval-weights", type=str, default=None,
                         help="weights of the feature network (the fmnist classifier's checkpoint)")
     parser.add_argument("--resume", type=str, default=None,

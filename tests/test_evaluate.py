@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from PIL import Image
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 import datasets
@@ -204,6 +205,30 @@ def test_reference_statistics_are_cached_once_and_reused(tmp_path, tiny_weights,
     fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)).eval(), other)
     evaluate.evaluate(*args, features="fmnist", weights=other)
     assert calls[3:] == [120, 150]
+
+
+def test_image_folder_statistics_follow_the_images_in_subfolders(tmp_path, tiny_weights, monkeypatch):
+    def write(folder, images):
+        os.makedirs(folder, exist_ok=True)
+        for i, image in enumerate(images):
+            Image.fromarray(image[..., 0]).save(os.path.join(folder, f"{i:03d}.png"))
+    ref = tmp_path / "ref"
+    write(ref / "a", blobs(70, 7))
+    extractor = evaluate.build_extractor("fmnist", weights=tiny_weights)
+    first, cache = evaluate.reference_statistics(str(ref), extractor)
+    assert first["num_images"] == 70
+    # Images replaced and added inside a class folder leave the top folder's own time as it was.
+    mtime = os.stat(ref).st_mtime_ns
+    write(ref / "a", blobs(90, 8))
+    os.utime(ref, ns=(mtime, mtime))
+    second, _ = evaluate.reference_statistics(str(ref), extractor)
+    assert second["num_images"] == 90 and not np.allclose(second["mu"], first["mu"])
+
+    # A read-only reference folder: the cache goes under results/, named by the reference's full path.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(evaluate.os, "access", lambda path, mode: False)
+    paths = {evaluate.stats_cache_path(str(tmp_path / where / "ref.npz"), "net") for where in ("x", "y")}
+    assert len(paths) == 2 and all(p.startswith(os.path.join("results", "ref_stats")) for p in paths)
 
 
 def test_statistics_file_reference_gives_fid_and_nulls(tmp_path, tiny_weights):

@@ -87,6 +87,27 @@ def test_report_only_writes_an_empty_table_and_trains_nothing(tmp_path, data, mo
     assert sorted(os.listdir(out)) == ["internal_fid.json", "table.json", "table.md"]
 
 
+def test_fid_proxy_samples_are_checked_before_any_leg(tmp_path):
+    args = ["table1", "--dataset", "cifar10", "--results-dir", str(tmp_path), "--eval-every", "100"]
+    with pytest.raises(ValueError, match="exceed the 2048 features of the FID proxy on cifar10"):
+        reproduce.main(reproduce.parse_args(args + ["--eval-samples", "2000"]))
+    assert os.listdir(tmp_path) == []
+
+
+def test_internal_fid_is_kept_for_its_own_feature_network(tmp_path, data, monkeypatch):
+    folder, classifier = data
+    torch.manual_seed(1)
+    other = str(tmp_path / "other.pt")
+    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)), other,
+                                      test_accuracy=0.0)
+    fids = []
+    for weights in (classifier, other, classifier):
+        run("table1", data, tmp_path, "--report-only", "--classifier", weights, monkeypatch=monkeypatch)
+        with open(os.path.join(tmp_path, "table1-fashion-mnist", "internal_fid.json")) as f:
+            fids.append(json.load(f)["fid"])
+    assert fids[0] != fids[1] and fids[2] == fids[0]
+
+
 def test_table1_three_rows_skip_finished_legs_and_continue_one(tmp_path, data, monkeypatch, capsys):
     # EMA decay 1 keeps the EMA at the initial weights, where a DiT predicts exactly zero (adaLN-Zero):
     # its MSE is then E||x1 - x0||^2 per pixel = mean(x1^2) + 1 over the test images.

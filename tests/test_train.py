@@ -174,15 +174,15 @@ def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch):
     import evaluate
     calls = []
 
-    def fake_fid_proxy(images, ref, features, split, weights, device):
-        calls.append((images.shape, images.dtype, ref, features, split, weights))
+    def fake_fid_proxy(images, ref, features, feature_dim, split, weights, device):
+        calls.append((images.shape, images.dtype, ref, features, feature_dim, split, weights))
         return 10.0 * len(calls)
 
     monkeypatch.setattr(evaluate, "fid_proxy", fake_fid_proxy)
     run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-terms", "diffusion", "reaction", "--max-steps", "4",
-        "--eval-every", "2", "--eval-samples", "5", "--eval-ref", "ref.npz", "--eval-features", "fmnist",
+        "--eval-every", "2", "--eval-samples", "65", "--eval-ref", "ref.npz", "--eval-features", "fmnist",
         "--eval-split", "test", "--eval-weights", "clf.pt")
-    assert calls == [((5, 8, 8, 1), np.uint8, "ref.npz", "fmnist", "test", "clf.pt")] * 2
+    assert calls == [((65, 8, 8, 1), np.uint8, "ref.npz", "fmnist", None, "test", "clf.pt")] * 2
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["fid"]) for r in records if "fid" in r] == [(2, 10.0), (4, 20.0)]
     state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 4))
@@ -191,6 +191,15 @@ def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match="--eval-ref"):
         run(tmp_path / "other", "--eval-every", "2")
+
+
+def test_too_few_fid_proxy_samples_fail_before_training(tmp_path, npz_data):
+    flags = ["--eval-every", "1", "--eval-ref", npz_data, "--eval-features", "fmnist", "--eval-samples", "64"]
+    with pytest.raises(ValueError, match="--eval-samples 64 is too few for the 64 features"):
+        run(tmp_path / "run", *flags, data=npz_data)
+    with pytest.raises(ValueError, match="--eval-samples 100 is too few for the 128 features"):
+        run(tmp_path / "run", *flags, "--eval-samples", "100", "--eval-feature-dim", "128", data=npz_data)
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_data_exits_nonzero_without_files(tmp_path):
