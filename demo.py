@@ -72,8 +72,7 @@ def main(args):
         grid_path = os.path.join(args.out, name.replace("/", "-") + ".png")
         # Up to ten per class, one row per digit, each pixel shown as 4x4 so the 16x16 samples are visible.
         save_image(F.interpolate(grid, scale_factor=4, mode="nearest"), grid_path, nrow=min(args.per_class, 10),
-                   padding=4,
-                   normalize=True, value_range=(-1, 1))
+                   padding=4, normalize=True, value_range=(-1, 1))
         predicted = classifier.predict(pooled(images))
         results[name] = dict(
             params=sum(p.numel() for p in model.parameters()), steps=state["step"], train_time=train_time,

@@ -131,8 +131,10 @@ def parse_args(argv=None):
     parser.add_argument("--vae-path", type=str, default=None,
                         help="local VAE folder for a latent-space checkpoint (default: the VAE it was trained with)")
     parser.add_argument("--sample-dir", type=str, default="samples", help="where the sample folder and .npz go")
-    parser.add_argument("--num-samples", type=sample.positive_int, default=50_000, help="number of samples (50K for FID)")
-    parser.add_argument("--per-proc-batch-size", type=sample.positive_int, default=32, help="samples per forward batch on each process")
+    parser.add_argument("--num-samples", type=sample.positive_int, default=50_000,
+                        help="number of samples (50K for FID)")
+    parser.add_argument("--per-proc-batch-size", type=sample.positive_int, default=32,
+                        help="samples per forward batch on each process")
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (DiT's FID setting)")
     parser.add_argument("--sampler", type=str, choices=flow.METHODS, default="heun", help="ODE integrator")
     parser.add_argument("--num-sampling-steps", type=int, default=50, help="integrator steps (ignored by dopri5)")
