@@ -528,7 +528,7 @@ def _products_in_range(low_ptr, high_ptr, QUAD, ROW, LANES: tl.constexpr):
 
 @triton.jit
 def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
-              coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5,
+              coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, e0, e2, a4, a5, b4, b5,
               PRODUCTS: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """`_row_contract_kernel`'s loop over the contracted tiles: the sums t1, t2, t3 of
@@ -548,7 +548,8 @@ def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_
         c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
         # log2 |S| at the first column, its first and second differences; the phase and its step.
         # Along a row or the last column the constant feature's differences (b3, e3) and the
-        # second ones of the linear k_x k_y (e1) are 0: their terms are left out.
+        # second ones of the linear k_x k_y (e1) are 0: their terms are left out, and
+        # `_row_contract_kernel` does not pass them.
         lm = zeros + c0 * a0 + c1 * a1 + c2 * a2 + c3 * a3
         st = zeros + c0 * b0 + c1 * b1 + c2 * b2
         cu = zeros + c0 * e0 + c2 * e2
@@ -684,12 +685,12 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
                                                                                    cols, F, ADJOINT)
     if _products_in_range(low_ptr, high_ptr, quad, line, LANES):
         t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, lane_sf, in_sk, in_si,
-                               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5,
-                               b4, b5, True, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
+                               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, e0, e2, a4, a5, b4, b5, True,
+                               LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
     else:
         t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, lane_sf, in_sk, in_si,
-                               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5,
-                               b4, b5, False, LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
+                               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, e0, e2, a4, a5, b4, b5, False,
+                               LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
 
     y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
     lanes = _lane_columns(LANES)
