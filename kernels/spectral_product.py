@@ -41,7 +41,8 @@ one exp2 and one rotation a column.
 Spectra are read and written as float32 or bf16 (re, im) views of any strides:
 interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
 away from the real one. The real and imaginary parts of an operand tile are loaded
-as two strided tiles. For float32 spectra a complex matrix product A B is three
+as two strided tiles, except in the row kernel's bf16 products of up to 4 batch
+entries, whose tile holds both parts of each entry side by side (PAIRED). For float32 spectra a complex matrix product A B is three
 real dots (Gauss's scheme), three quarters of the tensor-core work of the four dots
 A_re B_re, A_im B_im, A_re B_im, A_im B_re:
 
@@ -119,15 +120,24 @@ def _sincos_special(theta):
 
 
 @triton.jit
+def _load(ptrs, mask):
+    """tl.load of ptrs, 0 where mask is False; mask None loads every entry, unpredicated."""
+    if mask is None:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_coefficients(coef_ptr, plane_stride, offs, mask):
     """The six exponent-coefficient planes (a_re's 4, then a_im's 2) at the 2D tile
-    offsets offs; masked pairs get 0 (a finite symbol, 1)."""
-    c0 = tl.load(coef_ptr + offs, mask=mask, other=0.0)
-    c1 = tl.load(coef_ptr + plane_stride + offs, mask=mask, other=0.0)
-    c2 = tl.load(coef_ptr + 2 * plane_stride + offs, mask=mask, other=0.0)
-    c3 = tl.load(coef_ptr + 3 * plane_stride + offs, mask=mask, other=0.0)
-    c4 = tl.load(coef_ptr + 4 * plane_stride + offs, mask=mask, other=0.0)
-    c5 = tl.load(coef_ptr + 5 * plane_stride + offs, mask=mask, other=0.0)
+    offsets offs; masked pairs get 0 (a finite symbol, 1); mask None: no pair masked."""
+    c0 = _load(coef_ptr + offs, mask)
+    c1 = _load(coef_ptr + plane_stride + offs, mask)
+    c2 = _load(coef_ptr + 2 * plane_stride + offs, mask)
+    c3 = _load(coef_ptr + 3 * plane_stride + offs, mask)
+    c4 = _load(coef_ptr + 4 * plane_stride + offs, mask)
+    c5 = _load(coef_ptr + 5 * plane_stride + offs, mask)
     return c0, c1, c2, c3, c4, c5
 
 
@@ -196,6 +206,16 @@ def _batched_dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _bf16_operand(t):
+    """t rounded to bf16 for the "bf16" dots (in the interpreter, whose bf16 dots fail,
+    as the float32 of those bf16 values: the same exact products)."""
+    t = t.to(tl.bfloat16)
+    if _DOT_BF16_AS_FLOAT32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _complex_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr, NEGATE_B: tl.constexpr = False):
     """One step of the complex product sum A B, batched as `_batched_dot`. In the
     float32 modes Gauss's three real dots (module docstring): t1 += a_re b_re,
@@ -207,11 +227,7 @@ def _complex_dots(a_re, a_im, b_re, b_im, t1, t2, t3, PRECISION: tl.constexpr, N
     through shared memory, where a negated copy of a_im costs a round trip of its own).
     `_complex_parts` makes Re and Im of the sum of the steps."""
     if PRECISION == "bf16":
-        a_re, a_im = a_re.to(tl.bfloat16), a_im.to(tl.bfloat16)
-        b_re, b_im = b_re.to(tl.bfloat16), b_im.to(tl.bfloat16)
-        if _DOT_BF16_AS_FLOAT32:
-            a_re, a_im = a_re.to(tl.float32), a_im.to(tl.float32)
-            b_re, b_im = b_re.to(tl.float32), b_im.to(tl.float32)
+        a_re, a_im, b_re, b_im = _bf16_operand(a_re), _bf16_operand(a_im), _bf16_operand(b_re), _bf16_operand(b_im)
         t1 = _batched_dot(a_re, b_re, t1, "ieee")
         if NEGATE_B:
             t1 = _batched_dot(a_im, -b_im, t1, "ieee")
@@ -330,13 +346,25 @@ def _dot_layout_zeros(M: tl.constexpr, N: tl.constexpr, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def _column_sums(s_re, s_im, x_ptrs, mask, in_si, t1, t2, t3, PRECISION: tl.constexpr):
+def _column_sums(s_re, s_im, x_ptrs, mask, cols, N: tl.constexpr, in_si, t1, t2, t3, PRECISION: tl.constexpr,
+                 PAIRED: tl.constexpr):
     """One grid column's share of a contracted tile: the sums t1, t2, t3 of `_complex_dots`
-    plus the symbol s_re + 1j s_im (R, K) times the (K, B) spectrum tile at x_ptrs. A column
-    past its row's end comes with its spectrum masked to 0; its symbol, the row's
-    extrapolated, may overflow there, making its sums (never stored) inf or nan."""
-    return _complex_dots(s_re, s_im, tl.load(x_ptrs, mask=mask, other=0.0),
-                         tl.load(x_ptrs + in_si, mask=mask, other=0.0), t1, t2, t3, PRECISION, True)
+    plus the symbol s_re + 1j s_im (R, K) times the (K, B) spectrum tile at x_ptrs, the
+    segment's column N, cols columns left in its row: under mask, and masked to 0 where
+    N >= cols (mask None: the tile and column are whole, and the loads unmasked). PAIRED
+    ("bf16" only): the tile's columns are the batch entries' real and imaginary parts
+    side by side (`_row_contract_kernel`), and the sums are t1 += s_re x, t2 += s_im x, two
+    dots instead of four. A column past its row's end comes with its spectrum masked to
+    0; its symbol, the row's extrapolated, may overflow there, making its sums (never
+    stored) inf or nan."""
+    if mask is not None and N > 0:
+        mask = mask & (cols > N)
+    if PAIRED:
+        x = _bf16_operand(_load(x_ptrs, mask))
+        t1 = _batched_dot(_bf16_operand(s_re), x, t1, "ieee")
+        t2 = _batched_dot(_bf16_operand(s_im), x, t2, "ieee")
+        return t1, t2, t3
+    return _complex_dots(s_re, s_im, _load(x_ptrs, mask), _load(x_ptrs + in_si, mask), t1, t2, t3, PRECISION, True)
 
 
 @triton.jit
@@ -362,12 +390,12 @@ def _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS: tl.constexpr):
 
 
 @triton.jit
-def _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """A column's sums t1, t2, t3 plus its share (`_column_sums`, its spectrum tile at x under
-    mask) from a segment's state there, and the state one column on (`_next_column`)."""
+def _column(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, N: tl.constexpr, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
+            PRECISION: tl.constexpr, PAIRED: tl.constexpr):
+    """A segment's column N's sums t1, t2, t3 plus its share (`_column_sums`, its spectrum tile
+    at x) from the segment's state there, and the state one column on (`_next_column`)."""
     s_re, s_im = _column_symbol(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
-    t1, t2, t3 = _column_sums(s_re, s_im, x, mask, in_si, t1, t2, t3, PRECISION)
+    t1, t2, t3 = _column_sums(s_re, s_im, x, mask, cols, N, in_si, t1, t2, t3, PRECISION, PAIRED)
     u0, u1, u2, u3, u4, u5, u6 = _next_column(u0, u1, u2, u3, u4, u5, u6, PRODUCTS)
     return u0, u1, u2, u3, u4, u5, u6, t1, t2, t3
 
@@ -408,7 +436,7 @@ def _join_lanes(z0, z1, z2, z3, z4, z5, z6, z7, LANES: tl.constexpr):
 
 @triton.jit
 def _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
-             LANES: tl.constexpr, PRECISION: tl.constexpr):
+             LANES: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr):
     """`_segment_sums` of 4 or 8 LANES, and the state one column past them."""
     p1_0, p1_1, p1_2, p1_3, p1_4, p1_5, p1_6, p1_7 = _lanes(t1, LANES)
     p2_0, p2_1, p2_2, p2_3, p2_4, p2_5, p2_6, p2_7 = _lanes(t2, LANES)
@@ -416,29 +444,29 @@ def _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t2, t3
         p3_0, p3_1, p3_2, p3_3, p3_4, p3_5, p3_6, p3_7 = t3, t3, t3, t3, t3, t3, t3, t3
     else:
         p3_0, p3_1, p3_2, p3_3, p3_4, p3_5, p3_6, p3_7 = _lanes(t3, LANES)
-    u0, u1, u2, u3, u4, u5, u6, p1_0, p2_0, p3_0 = _column(u0, u1, u2, u3, u4, u5, u6, x, mask, in_si,
-                                                           p1_0, p2_0, p3_0, PRODUCTS, PRECISION)
-    u0, u1, u2, u3, u4, u5, u6, p1_1, p2_1, p3_1 = _column(u0, u1, u2, u3, u4, u5, u6, x + in_sf, mask & (cols > 1),
-                                                           in_si, p1_1, p2_1, p3_1, PRODUCTS, PRECISION)
+    u0, u1, u2, u3, u4, u5, u6, p1_0, p2_0, p3_0 = _column(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, 0, in_si,
+                                                           p1_0, p2_0, p3_0, PRODUCTS, PRECISION, PAIRED)
+    u0, u1, u2, u3, u4, u5, u6, p1_1, p2_1, p3_1 = _column(u0, u1, u2, u3, u4, u5, u6, x + in_sf, mask, cols, 1,
+                                                           in_si, p1_1, p2_1, p3_1, PRODUCTS, PRECISION, PAIRED)
     u0, u1, u2, u3, u4, u5, u6, p1_2, p2_2, p3_2 = _column(u0, u1, u2, u3, u4, u5, u6, x + 2 * in_sf,
-                                                           mask & (cols > 2), in_si, p1_2, p2_2, p3_2, PRODUCTS,
-                                                           PRECISION)
+                                                           mask, cols, 2, in_si, p1_2, p2_2, p3_2, PRODUCTS,
+                                                           PRECISION, PAIRED)
     u0, u1, u2, u3, u4, u5, u6, p1_3, p2_3, p3_3 = _column(u0, u1, u2, u3, u4, u5, u6, x + 3 * in_sf,
-                                                           mask & (cols > 3), in_si, p1_3, p2_3, p3_3, PRODUCTS,
-                                                           PRECISION)
+                                                           mask, cols, 3, in_si, p1_3, p2_3, p3_3, PRODUCTS,
+                                                           PRECISION, PAIRED)
     if LANES == 8:
         u0, u1, u2, u3, u4, u5, u6, p1_4, p2_4, p3_4 = _column(u0, u1, u2, u3, u4, u5, u6, x + 4 * in_sf,
-                                                               mask & (cols > 4), in_si, p1_4, p2_4, p3_4, PRODUCTS,
-                                                               PRECISION)
+                                                               mask, cols, 4, in_si, p1_4, p2_4, p3_4, PRODUCTS,
+                                                               PRECISION, PAIRED)
         u0, u1, u2, u3, u4, u5, u6, p1_5, p2_5, p3_5 = _column(u0, u1, u2, u3, u4, u5, u6, x + 5 * in_sf,
-                                                               mask & (cols > 5), in_si, p1_5, p2_5, p3_5, PRODUCTS,
-                                                               PRECISION)
+                                                               mask, cols, 5, in_si, p1_5, p2_5, p3_5, PRODUCTS,
+                                                               PRECISION, PAIRED)
         u0, u1, u2, u3, u4, u5, u6, p1_6, p2_6, p3_6 = _column(u0, u1, u2, u3, u4, u5, u6, x + 6 * in_sf,
-                                                               mask & (cols > 6), in_si, p1_6, p2_6, p3_6, PRODUCTS,
-                                                               PRECISION)
+                                                               mask, cols, 6, in_si, p1_6, p2_6, p3_6, PRODUCTS,
+                                                               PRECISION, PAIRED)
         u0, u1, u2, u3, u4, u5, u6, p1_7, p2_7, p3_7 = _column(u0, u1, u2, u3, u4, u5, u6, x + 7 * in_sf,
-                                                               mask & (cols > 7), in_si, p1_7, p2_7, p3_7, PRODUCTS,
-                                                               PRECISION)
+                                                               mask, cols, 7, in_si, p1_7, p2_7, p3_7, PRODUCTS,
+                                                               PRECISION, PAIRED)
     t1 = _join_lanes(p1_0, p1_1, p1_2, p1_3, p1_4, p1_5, p1_6, p1_7, LANES)
     t2 = _join_lanes(p2_0, p2_1, p2_2, p2_3, p2_4, p2_5, p2_6, p2_7, LANES)
     if PRECISION != "bf16":
@@ -461,7 +489,7 @@ def _split_sums(t1, t2, t3, PRECISION: tl.constexpr):
 
 @triton.jit
 def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t2, t3, PRODUCTS: tl.constexpr,
-                  LANES: tl.constexpr, PRECISION: tl.constexpr):
+                  LANES: tl.constexpr, PRECISION: tl.constexpr, PAIRED: tl.constexpr):
     """The sums t1, t2, t3 of `_complex_dots` plus the LANES (4, 8 or 16) columns of a
     segment of a grid row, from the state at its first column (`_next_column`). The sums
     are one tile each whose lanes are the columns (`_join_lanes`; 16 columns as the 8-lane
@@ -472,16 +500,16 @@ def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t
     if LANES == 16:
         t1a, t2a, t3a, t1b, t2b, t3b = _split_sums(t1, t2, t3, PRECISION)
         u0, u1, u2, u3, u4, u5, u6, t1a, t2a, t3a = _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf,
-                                                             in_si, t1a, t2a, t3a, PRODUCTS, 8, PRECISION)
+                                                             in_si, t1a, t2a, t3a, PRODUCTS, 8, PRECISION, PAIRED)
         u0, u1, u2, u3, u4, u5, u6, t1b, t2b, t3b = _columns(u0, u1, u2, u3, u4, u5, u6, x + 8 * in_sf, mask,
                                                              cols - 8, in_sf, in_si, t1b, t2b, t3b, PRODUCTS, 8,
-                                                             PRECISION)
+                                                             PRECISION, PAIRED)
         t1, t2 = tl.join(t1a, t1b), tl.join(t2a, t2b)
         if PRECISION != "bf16":
             t3 = tl.join(t3a, t3b)
     else:
         u0, u1, u2, u3, u4, u5, u6, t1, t2, t3 = _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si,
-                                                          t1, t2, t3, PRODUCTS, LANES, PRECISION)
+                                                          t1, t2, t3, PRODUCTS, LANES, PRECISION, PAIRED)
     return t1, t2, t3
 
 
@@ -530,11 +558,14 @@ def _products_in_range(low_ptr, high_ptr, QUAD, ROW, LANES: tl.constexpr):
 def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_sf, in_sk, in_si,
               coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, e0, e2, a4, a5, b4, b5,
               PRODUCTS: tl.constexpr, LANES: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+              PAIRED: tl.constexpr, EVEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_B: tl.constexpr):
     """`_row_contract_kernel`'s loop over the contracted tiles: the sums t1, t2, t3 of
     `_complex_dots` for its segment, laid out as `_segment_sums` keeps them, the symbol of
     each tile made from the segment's features (`_row_features`: a, b, e) by products
-    or by steps of the log2 magnitude (PRODUCTS, `_next_column`)."""
+    or by steps of the log2 magnitude (PRODUCTS, `_next_column`). EVEN: every tile is
+    whole (rows, contracted channels, batch columns, and the segment's columns), and its
+    loads take no masks."""
     if LANES == 4:
         t1, t2, t3 = _complex_sums((BLOCK_R, BLOCK_B, 2, 2), PRECISION)
     elif LANES == 8:
@@ -544,8 +575,13 @@ def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_
     zeros = _dot_layout_zeros(BLOCK_R, BLOCK_K, PRECISION)
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
-        mask_k = k < INNER
-        c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
+        if EVEN:
+            coef_mask, mask = None, None
+        else:
+            mask_k = k < INNER
+            coef_mask, mask = mask_r[:, None] & mask_k[None, :], mask_k[:, None] & mask_b[None, :]
+        c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
+                                                    coef_mask)
         # log2 |S| at the first column, its first and second differences; the phase and its step.
         # Along a row or the last column the constant feature's differences (b3, e3) and the
         # second ones of the linear k_x k_y (e1) are 0: their terms are left out, and
@@ -556,14 +592,13 @@ def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_
         w_re, w_im = _rotation(zeros + c4 * a4 + c5 * a5, SPECIAL_SINCOS)
         rot_re, rot_im = _rotation(zeros + c4 * b4 + c5 * b5, SPECIAL_SINCOS)
         x = x_ptrs + k0 * in_sk
-        mask = mask_k[:, None] & mask_b[None, :]
         if PRODUCTS:
             mag, ratio = tl.exp2(lm), tl.exp2(st)
             t1, t2, t3 = _segment_sums(mag * w_re, mag * w_im, ratio * rot_re, ratio * rot_im, tl.exp2(cu), cu, cu,
-                                       x, mask, cols, in_sf, in_si, t1, t2, t3, True, LANES, PRECISION)
+                                       x, mask, cols, in_sf, in_si, t1, t2, t3, True, LANES, PRECISION, PAIRED)
         else:
             t1, t2, t3 = _segment_sums(lm, st, cu, w_re, w_im, rot_re, rot_im, x, mask, cols, in_sf, in_si, t1, t2,
-                                       t3, False, LANES, PRECISION)
+                                       t3, False, LANES, PRECISION, PAIRED)
     return t1, t2, t3
 
 
@@ -630,8 +665,8 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
                          in_sg, in_sf, in_sk, in_sb, in_si, out_sg, out_sf, out_sr, out_sb, out_si,
                          coef_s6, coef_sg, coef_sr, coef_sk,
                          ADJOINT: tl.constexpr, PRECISION: tl.constexpr, SPECIAL_SINCOS: tl.constexpr,
-                         LANES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_B: tl.constexpr):
+                         PAIRED: tl.constexpr, EVEN: tl.constexpr, LANES: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """`_contract_kernel` with the symbol stepped along the rows of the rfft2 grid, ROW
     frequencies a row, along which phi_re is quadratic and phi_im linear in the column.
     A program takes a segment of LANES (4, 8 or 16) consecutive columns among the first COLS
@@ -649,9 +684,15 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
     (`_dot_layout_zeros`), which for the bf16 dots is their operands' too. Each column
     has its own 2D dots, which add into its own sums; the columns' sums ride along as
     one tile with minor lane axes (`_segment_sums`). Columns past the row's end are
-    masked (a branch around their work was slower)."""
+    masked (a branch around their work was slower).
+    PAIRED (bf16): the spectrum's batch and (re, im) axes are one axis of 2B entries,
+    in_si apart (in_sb = 2 in_si), and a tile's BLOCK_B columns are those entries: both
+    parts of BLOCK_B / 2 batch entries in one load, and two dots a column, t1 += S_re
+    x and t2 += S_im x, instead of four dots on BLOCK_B batch entries' two tiles. The
+    parts are formed at the end: Re y_b = t1[2b] - t2[2b + 1], Im y_b = t1[2b + 1] +
+    t2[2b]."""
     pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b_tiles = tl.cdiv(B, BLOCK_B)
+    b_tiles = tl.cdiv(2 * B if PAIRED else B, BLOCK_B)
     g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
     col_tiles = tl.cdiv(COLS, LANES)
     row_segments = F // ROW * col_tiles
@@ -675,29 +716,41 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_r, mask_b = offs_r < ROWS, offs_b < B
+    mask_r = offs_r < ROWS
+    if PAIRED:
+        mask_b, b_stride = offs_b < 2 * B, in_si
+    else:
+        mask_b, b_stride = offs_b < B, in_sb
 
     coef_ptr += g * coef_sg
     x_ptrs = (in_ptr + g.to(tl.int64) * in_sg + f0.to(tl.int64) * in_sf + offs_k[:, None] * in_sk
-              + offs_b.to(tl.int64)[None, :] * in_sb)
+              + offs_b.to(tl.int64)[None, :] * b_stride)
     lane_sf = in_sf * step
     a0, a1, a2, a3, b0, b1, b2, b3, e0, e1, e2, e3, a4, a5, b4, b5 = _row_features(phi_re_ptr, phi_im_ptr, f0, step,
                                                                                    cols, F, ADJOINT)
     if _products_in_range(low_ptr, high_ptr, quad, line, LANES):
         t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, lane_sf, in_sk, in_si,
                                coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, e0, e2, a4, a5, b4, b5, True,
-                               LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
+                               LANES, PRECISION, SPECIAL_SINCOS, PAIRED, EVEN, BLOCK_R, BLOCK_K, BLOCK_B)
     else:
         t1, t2, t3 = _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, lane_sf, in_sk, in_si,
                                coef_s6, coef_sr, coef_sk, a0, a1, a2, a3, b0, b1, b2, e0, e2, a4, a5, b4, b5, False,
-                               LANES, PRECISION, SPECIAL_SINCOS, BLOCK_R, BLOCK_K, BLOCK_B)
+                               LANES, PRECISION, SPECIAL_SINCOS, PAIRED, EVEN, BLOCK_R, BLOCK_K, BLOCK_B)
 
-    y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
     lanes = _lane_columns(LANES)
+    if PAIRED:
+        # (R, BLOCK_B, LANES) sums -> (R, BLOCK_B / 2, LANES) of each part of x: entry 2 b + i, part i.
+        t1_re, t1_im = tl.split(tl.permute(tl.reshape(t1, (BLOCK_R, BLOCK_B // 2, 2, LANES)), (0, 1, 3, 2)))
+        t2_re, t2_im = tl.split(tl.permute(tl.reshape(t2, (BLOCK_R, BLOCK_B // 2, 2, LANES)), (0, 1, 3, 2)))
+        y = tl.join(t1_re - t2_im, t1_im + t2_re)
+        offs_b = pid_b * (BLOCK_B // 2) + tl.arange(0, BLOCK_B // 2)
+        mask_b = offs_b < B
+    else:
+        y_re, y_im = _complex_parts(t1, t2, t3, PRECISION)
+        y = tl.join(tl.reshape(y_re, (BLOCK_R, BLOCK_B, LANES)), tl.reshape(y_im, (BLOCK_R, BLOCK_B, LANES)))
     out_offs = (g.to(tl.int64) * out_sg + (f0 + lanes * step).to(tl.int64)[None, None, :] * out_sf
                 + offs_r[:, None, None] * out_sr + offs_b.to(tl.int64)[None, :, None] * out_sb)
     mask = mask_r[:, None, None] & mask_b[None, :, None] & (lanes < cols)[None, None, :]
-    y = tl.join(tl.reshape(y_re, (BLOCK_R, BLOCK_B, LANES)), tl.reshape(y_im, (BLOCK_R, BLOCK_B, LANES)))
     tl.store(out_ptr + out_offs[:, :, :, None] + tl.arange(0, 2) * out_si, y.to(out_ptr.dtype.element_ty),
              mask=mask[:, :, :, None])
 
@@ -851,15 +904,16 @@ RANK1_MAX_BATCH = 4
 # ROW_MIN_WIDTH rfft2 columns (32 tokens wide) take `_row_contract_kernel`. Up to 8 entries
 # a column's sums are one 8-wide MMA's accumulators (4 registers a thread for each of the
 # two sums), so 16 columns of them take 128 of a thread's 255 registers; 16 entries would
-# need 256. The bounds were set with the first row kernel (H200, bf16, 16 rows on one warp,
+# need 256. Up to 4 entries the 8 columns hold both parts of each (PAIRED): at batch 8 as
+# two 16-wide tiles, C = 1152, 128x128 took 14.5 ms against 9.6 (spilled sums). The bounds were set with the first row kernel (H200, bf16, 16 rows on one warp,
 # 8 columns, the symbol stepped by exp2 and rotations), against `_contract_kernel`: 11.63
 # against 15.48 ms at C = 1152, batch 4, 128x128 grid, 3.29 against 3.95 on 64x64, 1.35
 # against 1.75 at C = 384, batch 4, 128x128, 0.408 against 0.447 at batch 8 on 64x64;
 # 0.136 against 0.140 at batch 8 on 32x32 (4 columns), 0.559 against 0.568 at batch 16 on
 # 64x64, and 0.052 against 0.050 at batch 4 on 16x16. In tf32 it gained at most 8% (1.85
-# against 2.01 ms at C = 384, batch 4, 128x128) and lost at 32x32. Its products and
-# segments of 16 columns (`_row_tiles`) have since taken C = 1152, batch 4, 128x128 from
-# 11.5 to 7.9 ms (H100).
+# against 2.01 ms at C = 384, batch 4, 128x128) and lost at 32x32. Its products, segments
+# of 16 columns (`_row_tiles`) and paired parts have since taken C = 1152, batch 4, 128x128
+# from 11.5 to 6.2 ms (H100).
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
@@ -997,7 +1051,12 @@ def _row_tiles(B):
     64x64 2.33 -> 2.32 (C = 1152) and 0.29 -> 0.30 (C = 384); 32x32 (4 columns before)
     0.81 -> 0.72 (C = 1152). Three stages were 15-18% slower at 128x128. Earlier, with 8
     columns, on an H200 (C = 1152, batch 4, 64x64 grid) 16 rows on one warp took 3.32 ms
-    against 3.60 for 32 rows on 2 warps and 5.43 for 64 rows on 4."""
+    against 3.60 for 32 rows on 2 warps and 5.43 for 64 rows on 4.
+    With both parts of the batch in one tile (PAIRED) and unmasked whole tiles (EVEN), a
+    program's shared memory is 20 KB instead of 28, so registers (255) bound the
+    occupancy at 8 warps a multiprocessor instead of 7; the tiles above stayed the
+    fastest (C = 1024, batch 4, 128x128, ms: 4.88; 32 rows on 2 warps 4.90, three stages
+    5.81, one 7.52, BLOCK_K = 32 6.77)."""
     return dict(BLOCK_F=16, BLOCK_R=16, BLOCK_K=16, BLOCK_B=_pow2_between(B, 8, 64), num_warps=1, num_stages=2,
                 maxnreg=None)
 
@@ -1084,9 +1143,18 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
         segments = height * triton.cdiv(cols, lanes) + (height // lanes if column else 0)
         # The extremes over all pairs of a_re's planes of k_x^2, k_x k_y and k_y^2 (`_products_in_range`).
         low, high = torch.aminmax(coef[:3].reshape(3, -1), dim=1)
-        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), segments, G * triton.cdiv(B, cfg["BLOCK_B"]))
+        # bf16 batches whose real and imaginary parts fit one batch tile take it as both
+        # (PAIRED), which needs the two parts of each entry in_si apart and the entries 2 in_si.
+        paired = precision == "bf16" and 2 * B <= cfg["BLOCK_B"]
+        if paired and src.stride(3) != 2 * src.stride(4):
+            src = src.contiguous()
+            strides = (*src.stride(), *dst.stride(), *coef.stride())
+        batch_columns = 2 * B if paired else B
+        even = rows % cfg["BLOCK_R"] == 0 and inner % cfg["BLOCK_K"] == 0 and batch_columns % cfg["BLOCK_B"] == 0 \
+            and cols % lanes == 0
+        grid = (triton.cdiv(rows, cfg["BLOCK_R"]), segments, G * triton.cdiv(batch_columns, cfg["BLOCK_B"]))
         _row_contract_kernel[grid](dst, src, coef, phi_re, phi_im, low, high, *sizes, width, cols, *strides,
-                                   LANES=lanes, **options, **cfg)
+                                   PAIRED=paired, EVEN=even, LANES=lanes, **options, **cfg)
     else:
         cfg = _with_overrides(_contract_tiles(B, rows, precision), tiles, "BLOCK_K")
         grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(F, cfg["BLOCK_F"]), G * triton.cdiv(B, cfg["BLOCK_B"]))

@@ -169,9 +169,23 @@ def test_planar_real_input_and_output():
     (2, 6, 20, (3, 10), 3, dict(ROW_STEPS=True, BLOCK_F=8)),   # the row kernel, 8 columns a segment
     (1, 6, 20, (8, 8), 3, dict(ROW_STEPS=True, BLOCK_F=4)),    # rows of 5: the last column in segments of 4 rows
     (1, 6, 20, (32, 32), 3, dict(ROW_STEPS=True, BLOCK_F=16)),  # rows of 17: 16 columns, then 16 rows of the last
+    (1, 6, 20, (2, 22), 6, dict(ROW_STEPS=True, BLOCK_F=16)),   # 6 entries: each part its own tile, four dots
+    (1, 6, 20, (2, 22), 1, dict(ROW_STEPS=True, BLOCK_F=16)),   # 1 entry: its two parts in a tile of 8
+    (1, 16, 32, (32, 32), 4, dict(ROW_STEPS=True, BLOCK_F=16)),  # whole tiles, no masks (EVEN), both parts in one
+    (1, 32, 16, (32, 32), 8, dict(ROW_STEPS=True, BLOCK_F=16)),  # whole tiles, each part its own
 ])
 def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
+    # The row kernel takes batches of up to 4 as one tile of both parts (PAIRED), larger ones
+    # as two tiles; shapes of whole tiles load them unmasked (EVEN).
     check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles)
+
+
+@runs_here
+def test_bf16_row_kernel_on_parts_planes_apart():
+    # Spectra whose real and imaginary planes lie outermost, (re/im, B, F, G, C) in memory:
+    # the batch entries and parts are no single axis, so the row kernel reads a copy
+    # (`_contract`); y and grad_x come back in that memory order.
+    check_bf16_against_reference(1, 6, 20, (2, 22), 3, dict(ROW_STEPS=True, BLOCK_F=16), parts_outer=True)
 
 
 @runs_here
@@ -347,23 +361,29 @@ def test_bf16_model_size_on_cuda(c, grid_size, batch):
     check_bf16_against_reference(1, c, c, grid_size, batch, None)
 
 
-def check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles):
-    """A bf16 planar spectrum (dense_mix under bf16 autocast): y and grad_x come back in bf16,
-    made with the symbol rounded to bf16 (relative 2^-9) and rounded to bf16 themselves;
-    the coefficient gradient sums exact products of the bf16 x and dy in float32. Against
-    the float64 reference on the same bf16 values of x and of the cotangent. The features
-    come with their grid's width, as pde_ssm hands them."""
+def check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles, parts_outer=False):
+    """A bf16 planar spectrum (dense_mix under bf16 autocast; parts_outer: its real and
+    imaginary planes outermost): y and grad_x come back in bf16, made with the symbol
+    rounded to bf16 (relative 2^-9) and rounded to bf16 themselves; the coefficient
+    gradient sums exact products of the bf16 x and dy in float32. Against the float64
+    reference on the same bf16 values of x and of the cotangent. The features come with
+    their grid's width, as pde_ssm hands them."""
     H, W = grid_size
     F = H * (W // 2 + 1)
     a_re, a_im = coefficients(groups, c_out, c_in, DEVICE)
     phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float64)
-    planar = torch.randn(batch, 2, F, groups, c_in, device=DEVICE).bfloat16()
-    weight = torch.randn(batch, 2, F, groups, c_out, device=DEVICE).bfloat16()
+    # memory (B, re/im, F, G, C), or (re/im, B, F, G, C), seen as (G, F, C, B, re/im) and back
+    if parts_outer:
+        lead, from_memory, to_memory = (2, batch), (3, 2, 4, 1, 0), (4, 3, 1, 0, 2)
+    else:
+        lead, from_memory, to_memory = (batch, 2), (3, 2, 4, 0, 1), (3, 4, 1, 0, 2)
+    planar = torch.randn(*lead, F, groups, c_in, device=DEVICE).bfloat16()
+    weight = torch.randn(*lead, F, groups, c_out, device=DEVICE).bfloat16()
 
     def run(x, a_re, a_im, phi_re, phi_im, w, product):
         x, a_re, a_im = (t.detach().requires_grad_() for t in (x, a_re, a_im))
-        y = product(x.permute(3, 2, 4, 0, 1), a_re, a_im, phi_re, phi_im)       # (G, F, C, B, re/im)
-        (y.permute(3, 4, 1, 0, 2) * w).sum().backward()
+        y = product(x.permute(from_memory), a_re, a_im, phi_re, phi_im)       # (G, F, C, B, re/im)
+        (y.permute(to_memory) * w).sum().backward()
         return y.detach(), x.grad, a_re.grad, a_im.grad
 
     def reference(x, *args):
@@ -373,7 +393,7 @@ def check_bf16_against_reference(groups, c_out, c_in, grid_size, batch, tiles):
     expected = run(planar.double(), a_re, a_im, phi_re, phi_im, weight.double(), reference)
     got = run(planar, a_re.float(), a_im.float(), phi_re.float(), phi_im.float(), weight,
               lambda *args: sp.spectral_product(*args, tiles=tiles, width=W // 2 + 1))
-    assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[0].permute(3, 4, 1, 0, 2).is_contiguous()
+    assert got[0].dtype == got[1].dtype == torch.bfloat16 and got[0].permute(to_memory).is_contiguous()
     for name, out, ref, tol in zip(("y", "grad_x", "grad_a_re", "grad_a_im"), got, expected,
                                    (8e-3, 8e-3, 2e-5, 2e-5)):
         assert out.shape == ref.shape and torch.isfinite(out).all(), name
