@@ -42,9 +42,11 @@ Spectra are read and written as float32 or bf16 (re, im) views of any strides:
 interleaved complex (torch.view_as_real) or planar, the imaginary plane an offset
 away from the real one. The real and imaginary parts of an operand tile are loaded
 as two strided tiles, except in the row kernel's bf16 products of up to 4 batch
-entries, whose tile holds both parts of each entry side by side (PAIRED). For float32 spectra a complex matrix product A B is three
-real dots (Gauss's scheme), three quarters of the tensor-core work of the four dots
-A_re B_re, A_im B_im, A_re B_im, A_im B_re:
+entries, whose tile holds both parts of each entry side by side (PAIRED; a spectrum
+whose batch entries and parts are no single axis is copied into one first). For
+float32 spectra a complex matrix product A B is three real dots (Gauss's scheme),
+three quarters of the tensor-core work of the four dots A_re B_re, A_im B_im, A_re
+B_im, A_im B_re:
 
     t1 = A_re B_re,  t2 = A_im B_im,  t3 = (A_re + A_im)(B_re + B_im),
     Re(A B) = t1 - t2,  Im(A B) = t3 - t1 - t2.
@@ -55,7 +57,8 @@ the error stays within a small factor of that of four dots relative to the norm
 of the result (Higham, "Stability of a method for multiplying complex matrices
 with three real matrix multiplications", 1992), which tests/test_kernels.py
 bounds against the float64 reference in each dot mode. bf16 spectra (bf16 autocast)
-take the four dots in bf16 with float32 sums (`_complex_dots`).
+take the four dots in bf16 with float32 sums (`_complex_dots`), and the row kernel's
+PAIRED tiles two: S_re and S_im times the tile of both parts.
 """
 
 import math
@@ -350,8 +353,9 @@ def _column_sums(s_re, s_im, x_ptrs, mask, cols, N: tl.constexpr, in_si, t1, t2,
                  PAIRED: tl.constexpr):
     """One grid column's share of a contracted tile: the sums t1, t2, t3 of `_complex_dots`
     plus the symbol s_re + 1j s_im (R, K) times the (K, B) spectrum tile at x_ptrs, the
-    segment's column N, cols columns left in its row: under mask, and masked to 0 where
-    N >= cols (mask None: the tile and column are whole, and the loads unmasked). PAIRED
+    segment's column N (of a half, for 16 lanes), cols columns left in its row from the
+    half's first column: under mask, and for N > 0 masked to 0 where N >= cols (mask
+    None: the tile and the column are whole, and the loads unmasked). PAIRED
     ("bf16" only): the tile's columns are the batch entries' real and imaginary parts
     side by side (`_row_contract_kernel`), and the sums are t1 += s_re x, t2 += s_im x, two
     dots instead of four. A column past its row's end comes with its spectrum masked to
@@ -495,8 +499,9 @@ def _segment_sums(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf, in_si, t1, t
     are one tile each whose lanes are the columns (`_join_lanes`; 16 columns as the 8-lane
     tiles of their two halves joined, the half the last axis: `_lane_columns`), and each
     column's dots add into its own lane. x points at the first column's spectrum tile,
-    the next ones in_sf apart; mask is the tile's, cols the columns left in the row. In
-    "bf16" t3 is `_complex_sums`' placeholder and passes through."""
+    the next ones in_sf apart; mask is the tile's (None: whole tiles, `_row_sums`' EVEN),
+    cols the columns left in the row. In "bf16" t3 is `_complex_sums`' placeholder and
+    passes through; PAIRED sums are those of `_column_sums`."""
     if LANES == 16:
         t1a, t2a, t3a, t1b, t2b, t3b = _split_sums(t1, t2, t3, PRECISION)
         u0, u1, u2, u3, u4, u5, u6, t1a, t2a, t3a = _columns(u0, u1, u2, u3, u4, u5, u6, x, mask, cols, in_sf,
@@ -561,7 +566,8 @@ def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_
               PAIRED: tl.constexpr, EVEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
               BLOCK_B: tl.constexpr):
     """`_row_contract_kernel`'s loop over the contracted tiles: the sums t1, t2, t3 of
-    `_complex_dots` for its segment, laid out as `_segment_sums` keeps them, the symbol of
+    `_complex_dots` (PAIRED: of `_column_sums`) for its segment, laid out as
+    `_segment_sums` keeps them, the symbol of
     each tile made from the segment's features (`_row_features`: a, b, e) by products
     or by steps of the log2 magnitude (PRODUCTS, `_next_column`). EVEN: every tile is
     whole (rows, contracted channels, batch columns, and the segment's columns), and its
@@ -690,7 +696,7 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
     parts of BLOCK_B / 2 batch entries in one load, and two dots a column, t1 += S_re
     x and t2 += S_im x, instead of four dots on BLOCK_B batch entries' two tiles. The
     parts are formed at the end: Re y_b = t1[2b] - t2[2b + 1], Im y_b = t1[2b + 1] +
-    t2[2b]."""
+    t2[2b]. EVEN: every tile whole (`_contract`), the loop's loads take no masks."""
     pid_r, pid_f, pid_gb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b_tiles = tl.cdiv(2 * B if PAIRED else B, BLOCK_B)
     g, pid_b = pid_gb // b_tiles, pid_gb % b_tiles
@@ -739,7 +745,7 @@ def _row_contract_kernel(out_ptr, in_ptr, coef_ptr, phi_re_ptr, phi_im_ptr, low_
 
     lanes = _lane_columns(LANES)
     if PAIRED:
-        # (R, BLOCK_B, LANES) sums -> (R, BLOCK_B / 2, LANES) of each part of x: entry 2 b + i, part i.
+        # Sums (R, BLOCK_B, lane axes) -> (R, BLOCK_B / 2, LANES) for each part i of x (tile column 2 b + i).
         t1_re, t1_im = tl.split(tl.permute(tl.reshape(t1, (BLOCK_R, BLOCK_B // 2, 2, LANES)), (0, 1, 3, 2)))
         t2_re, t2_im = tl.split(tl.permute(tl.reshape(t2, (BLOCK_R, BLOCK_B // 2, 2, LANES)), (0, 1, 3, 2)))
         y = tl.join(t1_re - t2_im, t1_im + t2_re)
@@ -904,8 +910,9 @@ RANK1_MAX_BATCH = 4
 # ROW_MIN_WIDTH rfft2 columns (32 tokens wide) take `_row_contract_kernel`. Up to 8 entries
 # a column's sums are one 8-wide MMA's accumulators (4 registers a thread for each of the
 # two sums), so 16 columns of them take 128 of a thread's 255 registers; 16 entries would
-# need 256. Up to 4 entries the 8 columns hold both parts of each (PAIRED): at batch 8 as
-# two 16-wide tiles, C = 1152, 128x128 took 14.5 ms against 9.6 (spilled sums). The bounds were set with the first row kernel (H200, bf16, 16 rows on one warp,
+# need 256. Up to 4 entries the MMA's 8 columns hold both parts of each (PAIRED); both
+# parts of 8 entries in a 16-wide tile spilled the sums (14.5 against 9.6 ms at C = 1152,
+# batch 8, 128x128). The bounds were set with the first row kernel (H200, bf16, 16 rows on one warp,
 # 8 columns, the symbol stepped by exp2 and rotations), against `_contract_kernel`: 11.63
 # against 15.48 ms at C = 1152, batch 4, 128x128 grid, 3.29 against 3.95 on 64x64, 1.35
 # against 1.75 at C = 384, batch 4, 128x128, 0.408 against 0.447 at batch 8 on 64x64;
@@ -1145,6 +1152,7 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
         low, high = torch.aminmax(coef[:3].reshape(3, -1), dim=1)
         # bf16 batches whose real and imaginary parts fit one batch tile take it as both
         # (PAIRED), which needs the two parts of each entry in_si apart and the entries 2 in_si.
+        # EVEN: every tile whole, its loads unmasked.
         paired = precision == "bf16" and 2 * B <= cfg["BLOCK_B"]
         if paired and src.stride(3) != 2 * src.stride(4):
             src = src.contiguous()

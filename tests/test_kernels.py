@@ -172,6 +172,7 @@ def test_planar_real_input_and_output():
     (1, 6, 20, (2, 22), 6, dict(ROW_STEPS=True, BLOCK_F=16)),   # 6 entries: each part its own tile, four dots
     (1, 6, 20, (2, 22), 1, dict(ROW_STEPS=True, BLOCK_F=16)),   # 1 entry: its two parts in a tile of 8
     (1, 16, 32, (32, 32), 4, dict(ROW_STEPS=True, BLOCK_F=16)),  # whole tiles, no masks (EVEN), both parts in one
+    (1, 16, 20, (32, 32), 4, dict(ROW_STEPS=True, BLOCK_F=16)),  # whole but for the contracted channels: masked
     (1, 32, 16, (32, 32), 8, dict(ROW_STEPS=True, BLOCK_F=16)),  # whole tiles, each part its own
 ])
 def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
@@ -184,8 +185,49 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
 def test_bf16_row_kernel_on_parts_planes_apart():
     # Spectra whose real and imaginary planes lie outermost, (re/im, B, F, G, C) in memory:
     # the batch entries and parts are no single axis, so the row kernel reads a copy
-    # (`_contract`); y and grad_x come back in that memory order.
+    # (`_contract`); y comes back in that memory order.
     check_bf16_against_reference(1, 6, 20, (2, 22), 3, dict(ROW_STEPS=True, BLOCK_F=16), parts_outer=True)
+
+
+@runs_here
+@pytest.mark.parametrize("c_out,c_in,batch,parts_outer,paired,even", [
+    (6, 20, 3, False, True, False),     # ragged rows and contracted channels
+    (16, 32, 4, False, True, True),     # whole tiles
+    (16, 20, 4, False, True, False),    # contracted channels ragged
+    (16, 32, 2, False, True, False),    # 4 of the tile's 8 columns used
+    (32, 16, 8, False, False, True),    # 8 entries: each part a tile of its own
+    (16, 32, 6, False, False, False),
+    (16, 32, 4, True, True, True),      # parts planes apart: read from a copy
+])
+def test_row_kernel_modes(monkeypatch, c_out, c_in, batch, parts_outer, paired, even):
+    # Which way `_contract` launches the row kernel on a bf16 spectrum of a 32x32 grid: both
+    # parts of the batch in one tile (PAIRED) for up to 4 entries, whose parts it then reads
+    # one stride apart (a copy where they are not), and unmasked loads (EVEN) where every tile
+    # is whole. The values of each mode are checked against the reference above.
+    launches = []
+    kernel = sp._row_contract_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                launches.append((args, options))
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(sp, "_row_contract_kernel", Spy())
+    a_re, a_im = coefficients(1, c_out, c_in, DEVICE)
+    phi_re, phi_im = pde_ssm._frequency_features((32, 32), DEVICE, torch.float32)
+    F = phi_re.shape[0]
+    lead, from_memory = ((2, batch), (3, 2, 4, 1, 0)) if parts_outer else ((batch, 2), (3, 2, 4, 0, 1))
+    x = torch.randn(*lead, F, 1, c_in, device=DEVICE).bfloat16().permute(from_memory)
+    sp.spectral_product(x, a_re.float(), a_im.float(), phi_re, phi_im, tiles=dict(ROW_STEPS=True, BLOCK_F=16),
+                        width=17)
+    (args, options), = launches
+    assert (options["PAIRED"], options["EVEN"]) == (paired, even)
+    src = args[1]
+    assert (src.data_ptr() == x.data_ptr()) != parts_outer      # the copy, only where the parts lie apart
+    if paired:
+        assert src.stride(3) == 2 * src.stride(4)
 
 
 @runs_here
