@@ -146,9 +146,13 @@ def _load_coefficients(coef_ptr, plane_stride, offs, mask):
 
 @triton.jit
 def _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k):
-    """The products' (R, K) tiles of the six planes at rows offs_r and contracted channels k."""
-    return _load_coefficients(coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
-                              mask_r[:, None] & mask_k[None, :])
+    """The products' (R, K) tiles of the six planes at rows offs_r and contracted channels k;
+    mask_k None: the tile is whole (its rows too), loaded without masks."""
+    if mask_k is None:
+        mask = None
+    else:
+        mask = mask_r[:, None] & mask_k[None, :]
+    return _load_coefficients(coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk, mask)
 
 
 @triton.jit
@@ -354,14 +358,15 @@ def _column_sums(s_re, s_im, x_ptrs, mask, cols, N: tl.constexpr, in_si, t1, t2,
     """One grid column's share of a contracted tile: the sums t1, t2, t3 of `_complex_dots`
     plus the symbol s_re + 1j s_im (R, K) times the (K, B) spectrum tile at x_ptrs, the
     segment's column N (of a half, for 16 lanes), cols columns left in its row from the
-    half's first column: under mask, and for N > 0 masked to 0 where N >= cols (mask
-    None: the tile and the column are whole, and the loads unmasked). PAIRED
+    half's first column (0 or fewer: the half lies past the row's end): under mask, and
+    masked to 0 where N >= cols (mask None: the tile and the column are whole, and the
+    loads unmasked). PAIRED
     ("bf16" only): the tile's columns are the batch entries' real and imaginary parts
     side by side (`_row_contract_kernel`), and the sums are t1 += s_re x, t2 += s_im x, two
     dots instead of four. A column past its row's end comes with its spectrum masked to
     0; its symbol, the row's extrapolated, may overflow there, making its sums (never
     stored) inf or nan."""
-    if mask is not None and N > 0:
+    if mask is not None:
         mask = mask & (cols > N)
     if PAIRED:
         x = _bf16_operand(_load(x_ptrs, mask))
@@ -582,12 +587,11 @@ def _row_sums(coef_ptr, x_ptrs, offs_r, offs_k, mask_r, mask_b, cols, INNER, in_
     for k0 in range(0, INNER, BLOCK_K):
         k = k0 + offs_k
         if EVEN:
-            coef_mask, mask = None, None
+            mask_k, mask = None, None
         else:
             mask_k = k < INNER
-            coef_mask, mask = mask_r[:, None] & mask_k[None, :], mask_k[:, None] & mask_b[None, :]
-        c0, c1, c2, c3, c4, c5 = _load_coefficients(coef_ptr, coef_s6, offs_r[:, None] * coef_sr + k[None, :] * coef_sk,
-                                                    coef_mask)
+            mask = mask_k[:, None] & mask_b[None, :]
+        c0, c1, c2, c3, c4, c5 = _coefficient_tile(coef_ptr, coef_s6, coef_sr, coef_sk, offs_r, mask_r, k, mask_k)
         # log2 |S| at the first column, its first and second differences; the phase and its step.
         # Along a row or the last column the constant feature's differences (b3, e3) and the
         # second ones of the linear k_x k_y (e1) are 0: their terms are left out, and
@@ -920,7 +924,10 @@ RANK1_MAX_BATCH = 4
 # 64x64, and 0.052 against 0.050 at batch 4 on 16x16. In tf32 it gained at most 8% (1.85
 # against 2.01 ms at C = 384, batch 4, 128x128) and lost at 32x32. Its products, segments
 # of 16 columns (`_row_tiles`) and paired parts have since taken C = 1152, batch 4, 128x128
-# from 11.5 to 6.2 ms (H100).
+# from 11.5 to 6.2 ms (H100). At batch 64 (C = 384, H100, forward) the best row tiles tried
+# (4 columns of 32 rows by 64 entries on 4 warps; 8 columns, 16 or 64 rows, 1 to 4 warps were
+# slower) took 0.315 ms on 32x32 and 0.105 on 16x16, against `_contract_kernel`'s 0.330 and
+# 0.106: too little to move the bound.
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
@@ -1151,10 +1158,11 @@ def _contract(src, coef, phi_re, phi_im, width, adjoint, precision, tiles):
         # The extremes over all pairs of a_re's planes of k_x^2, k_x k_y and k_y^2 (`_products_in_range`).
         low, high = torch.aminmax(coef[:3].reshape(3, -1), dim=1)
         # bf16 batches whose real and imaginary parts fit one batch tile take it as both
-        # (PAIRED), which needs the two parts of each entry in_si apart and the entries 2 in_si.
+        # (PAIRED), which needs the two parts of each entry in_si apart and the entries 2 in_si
+        # (a single entry: its parts alone).
         # EVEN: every tile whole, its loads unmasked.
         paired = precision == "bf16" and 2 * B <= cfg["BLOCK_B"]
-        if paired and src.stride(3) != 2 * src.stride(4):
+        if paired and B > 1 and src.stride(3) != 2 * src.stride(4):
             src = src.contiguous()
             strides = (*src.stride(), *dst.stride(), *coef.stride())
         batch_columns = 2 * B if paired else B

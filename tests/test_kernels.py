@@ -182,28 +182,32 @@ def test_bf16_planar_spectra(groups, c_out, c_in, grid_size, batch, tiles):
 
 
 @runs_here
-def test_bf16_row_kernel_on_parts_planes_apart():
+@pytest.mark.parametrize("batch", [3, 1])
+def test_bf16_row_kernel_on_parts_planes_apart(batch):
     # Spectra whose real and imaginary planes lie outermost, (re/im, B, F, G, C) in memory:
     # the batch entries and parts are no single axis, so the row kernel reads a copy
-    # (`_contract`); y comes back in that memory order.
-    check_bf16_against_reference(1, 6, 20, (2, 22), 3, dict(ROW_STEPS=True, BLOCK_F=16), parts_outer=True)
+    # (`_contract`), but for a single entry, whose two parts it reads where they are; y
+    # comes back in that memory order.
+    check_bf16_against_reference(1, 6, 20, (2, 22), batch, dict(ROW_STEPS=True, BLOCK_F=16), parts_outer=True)
 
 
 @runs_here
-@pytest.mark.parametrize("c_out,c_in,batch,parts_outer,paired,even", [
-    (6, 20, 3, False, True, False),     # ragged rows and contracted channels
-    (16, 32, 4, False, True, True),     # whole tiles
-    (16, 20, 4, False, True, False),    # contracted channels ragged
-    (16, 32, 2, False, True, False),    # 4 of the tile's 8 columns used
-    (32, 16, 8, False, False, True),    # 8 entries: each part a tile of its own
-    (16, 32, 6, False, False, False),
-    (16, 32, 4, True, True, True),      # parts planes apart: read from a copy
+@pytest.mark.parametrize("c_out,c_in,batch,parts_outer,paired,even,copied", [
+    (6, 20, 3, False, True, False, False),      # ragged rows and contracted channels
+    (16, 32, 4, False, True, True, False),      # whole tiles
+    (16, 20, 4, False, True, False, False),     # contracted channels ragged
+    (16, 32, 2, False, True, False, False),     # 4 of the tile's 8 columns used
+    (32, 16, 8, False, False, True, False),     # 8 entries: each part a tile of its own
+    (16, 32, 6, False, False, False, False),
+    (16, 32, 4, True, True, True, True),        # parts planes apart: read from a copy
+    (16, 32, 1, True, True, False, False),      # but a single entry's two parts are read in place
 ])
-def test_row_kernel_modes(monkeypatch, c_out, c_in, batch, parts_outer, paired, even):
+def test_row_kernel_modes(monkeypatch, c_out, c_in, batch, parts_outer, paired, even, copied):
     # Which way `_contract` launches the row kernel on a bf16 spectrum of a 32x32 grid: both
     # parts of the batch in one tile (PAIRED) for up to 4 entries, whose parts it then reads
-    # one stride apart (a copy where they are not), and unmasked loads (EVEN) where every tile
-    # is whole. The values of each mode are checked against the reference above.
+    # one stride apart (a copy where they are not, for more than one entry), and unmasked
+    # loads (EVEN) where every tile is whole. The values of each mode are checked against
+    # the reference above.
     launches = []
     kernel = sp._row_contract_kernel
 
@@ -225,9 +229,53 @@ def test_row_kernel_modes(monkeypatch, c_out, c_in, batch, parts_outer, paired, 
     (args, options), = launches
     assert (options["PAIRED"], options["EVEN"]) == (paired, even)
     src = args[1]
-    assert (src.data_ptr() == x.data_ptr()) != parts_outer      # the copy, only where the parts lie apart
-    if paired:
+    assert (src.data_ptr() != x.data_ptr()) == copied
+    if paired and batch > 1:
         assert src.stride(3) == 2 * src.stride(4)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="checks the addresses of every load in Triton's interpreter "
+                                            "(test_in_triton_interpreter)")
+@pytest.mark.parametrize("batch", [4, 8])     # the paired tile, and the two tiles of 8 entries
+def test_row_kernel_loads_stay_inside_their_tensors(monkeypatch, batch):
+    # Every address the row kernel loads from without a mask lies inside a tensor it was
+    # given. Rows of 17 columns in segments of 16 (a 9x32 grid: no segments down the last
+    # column) leave each row's second segment one column, and its second half of 8 lanes
+    # none: that half's loads must all be masked, or the last row's would read past the
+    # spectrum, whose frequencies are its outermost axis here.
+    from triton.runtime import interpreter
+    builder = interpreter.interpreter_builder
+    masked_load, extents, stray = builder.create_masked_load, [], []
+
+    def checked_load(ptrs, mask, other, *args):
+        addresses = ptrs.data[mask.data.astype(bool)].astype("int64")
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        inside = torch.zeros(addresses.shape, dtype=torch.bool)
+        for start, end in extents:
+            inside |= torch.from_numpy((addresses >= start) & (addresses + size <= end))
+        if not inside.all():
+            stray.append(int((~inside).sum()))
+        return masked_load(ptrs, mask, other, *args)
+
+    kernel = sp._row_contract_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                extents[:] = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()
+                               + t.untyped_storage().nbytes()) for t in args if isinstance(t, torch.Tensor)]
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(builder, "create_masked_load", checked_load)
+    monkeypatch.setattr(sp, "_row_contract_kernel", Spy())
+    grid_size = (9, 32)
+    a_re, a_im = coefficients(1, 16, 16, DEVICE)
+    phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float32)
+    x = torch.randn(1, phi_re.shape[0], 16, batch, 2, device=DEVICE).bfloat16()   # frequencies outermost
+    sp.spectral_product(x, a_re.float(), a_im.float(), phi_re, phi_im, tiles=dict(ROW_STEPS=True, BLOCK_F=16),
+                        width=17)
+    assert extents and not stray, f"{sum(stray)} loads outside the kernel's tensors"
 
 
 @runs_here
