@@ -544,9 +544,18 @@ def fid_proxy(images, ref, features="inception", feature_dim=None, split="train"
     Inception, 64 for fmnist); a small-N FID is biased upwards, so compare proxies only at equal N.
     """
     extractor = build_extractor(features, feature_dim, weights, device)
-    reference, _ = reference_statistics(ref, extractor, split, batch_size, with_features=False)
     images = check_images(np.asarray(images), "samples")
-    mu, sigma = feature_statistics(extract_features(images, extractor, batch_size)["features"])
+    return proxy_distance(extract_features(images, extractor, batch_size)["features"], ref, extractor, split,
+                          batch_size)
+
+
+def proxy_distance(features, ref, extractor, split="train", batch_size=100):
+    """
+    The last step of fid_proxy, for sample features (N, D) that `extractor` measured (in parts, as
+    train.py's ranks do): their FID against the reference `ref`, whose statistics are cached.
+    """
+    reference, _ = reference_statistics(ref, extractor, split, batch_size, with_features=False)
+    mu, sigma = feature_statistics(features)
     return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
 
 

@@ -314,6 +314,10 @@ def train(args, rank, world_size, device):
             raise ValueError(f"--eval-samples {args.eval_samples} is too few for the {dim} features of the FID proxy "
                              f"({args.eval_features}): FID needs more samples than features; raise --eval-samples "
                              "or choose a smaller --eval-feature-dim")
+        # The reference's statistics now, on every rank at once (cached beside it): a reference or feature
+        # network that does not load fails here, and no rank measures it alone later while the others wait.
+        extractor = evaluate.build_extractor(args.eval_features, args.eval_feature_dim, args.eval_weights, device)
+        evaluate.reference_statistics(args.eval_ref, extractor, args.eval_split, with_features=False)
 
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
     steps_per_epoch = len(sampler) // local_batch
@@ -455,13 +459,14 @@ def train(args, rank, world_size, device):
                                           (in_channels, input_size, input_size), cfg_scale=args.cfg_scale,
                                           seed=args.global_seed, vae=vae)
                 logger.info(f"Saved preview samples to {path}")
-            if args.eval_every and step % args.eval_every == 0 and rank == 0:
-                record = dict(step=step, fid=fid_proxy(args, ema, vae, (in_channels, input_size, input_size), local_batch),
-                              fid_samples=args.eval_samples, fid_features=args.eval_features)
-                logger.info(f"(step={step:07d}) FID proxy ({args.eval_samples} samples, {args.eval_features}): "
-                            f"{record['fid']:.3f}")
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            if args.eval_every and step % args.eval_every == 0:
+                fid = fid_proxy(args, ema, vae, (in_channels, input_size, input_size), local_batch, rank, world_size)
+                if rank == 0:
+                    record = dict(step=step, fid=fid, fid_samples=args.eval_samples, fid_features=args.eval_features)
+                    logger.info(f"(step={step:07d}) FID proxy ({args.eval_samples} samples, {args.eval_features}): "
+                                f"{fid:.3f}")
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
         else:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
@@ -477,24 +482,36 @@ def train(args, rank, world_size, device):
     return run_dir
 
 
-def fid_proxy(args, ema, vae, noise_shape, batch_size):
+def fid_proxy(args, ema, vae, noise_shape, batch_size, rank=0, world_size=1):
     """
     The training-time FID proxy of the paper's Figure 3: --eval-samples unguided samples of the EMA model
-    (labels i % num_classes, the same noise at every evaluation) against --eval-ref, by evaluate.fid_proxy.
-    A bf16 run samples with its network in bf16 too.
+    (labels i % num_classes, the same noise at every evaluation) against --eval-ref, as evaluate.fid_proxy
+    measures them. The ranks take the batches of batch_size samples in turn and measure their features;
+    rank 0 gathers the features and returns the FID, the other ranks None. Every rank draws the noise of
+    every batch, so each sample's noise is the same whatever the number of ranks. A bf16 run samples with
+    its network in bf16 too.
     """
     import evaluate  # only runs that evaluate need the feature networks
     device = next(ema.parameters()).device
     precision = sample.precision_for(args.precision)
+    extractor = evaluate.build_extractor(args.eval_features, args.eval_feature_dim, args.eval_weights, device)
     generator = torch.Generator().manual_seed(args.global_seed)
     images = []
-    for start in range(0, args.eval_samples, batch_size):
+    for turn, start in enumerate(range(0, args.eval_samples, batch_size)):
         indices = torch.arange(start, min(start + batch_size, args.eval_samples))
-        labels = (indices % args.num_classes).to(device) if args.num_classes > 0 else None
-        z = torch.randn(len(indices), *noise_shape, generator=generator).to(device)
-        images.append(sample.to_uint8(sample.generate(ema, z, labels, vae=vae, precision=precision)))
-    return evaluate.fid_proxy(np.concatenate(images), args.eval_ref, args.eval_features, args.eval_feature_dim,
-                              split=args.eval_split, weights=args.eval_weights, device=device)
+        z = torch.randn(len(indices), *noise_shape, generator=generator)
+        if turn % world_size == rank:
+            labels = (indices % args.num_classes).to(device) if args.num_classes > 0 else None
+            images.append(sample.to_uint8(sample.generate(ema, z.to(device), labels, vae=vae, precision=precision)))
+    features = evaluate.extract_features(np.concatenate(images), extractor)["features"] if images else None
+    parts = [features]
+    if world_size > 1:
+        parts = [None] * world_size if rank == 0 else None
+        dist.gather_object(features, parts, dst=0)
+    if rank != 0:
+        return None
+    return evaluate.proxy_distance(np.concatenate([part for part in parts if part is not None]), args.eval_ref,
+                                   extractor, args.eval_split)
 
 
 def log_metrics(logger, metrics_path, rank, device, step, means, grad_norm_max, group_max, steps_per_sec,
@@ -575,7 +592,8 @@ def parse_args(argv=None):
     parser.add_argument("--sample-every", type=int, default=10_000, help="steps between preview grids (0: none)")
     parser.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale of the preview grids")
     parser.add_argument("--eval-every", type=int, default=0,
-                        help="steps between FID-proxy evaluations, logged to metrics.jsonl as \"fid\" (0: none)")
+                        help="steps between FID-proxy evaluations, logged to metrics.jsonl as \"fid\" (0: none); "
+                             "every rank samples a share")
     parser.add_argument("--eval-samples", type=int, default=1000, help="samples of each FID-proxy evaluation")
     parser.add_argument("--eval-ref", type=str, default=None,
                         help="reference images of the FID proxy (any reference evaluate.py reads)")

@@ -170,19 +170,33 @@ def test_atomic_writes_get_the_permissions_of_open(tmp_path):
     assert modes == [0o644, 0o644]
 
 
-def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def proxy_flags(tmp_path_factory):
+    """The FID proxy's flags: 65 samples against 100 random gray 8x8 images, through an untrained tiny
+    Fashion-MNIST classifier (64 features)."""
+    import fmnist_classifier
+    folder = tmp_path_factory.mktemp("proxy")
+    ref = str(folder / "ref.npz")
+    np.savez(ref, np.random.default_rng(1).integers(0, 256, (100, 8, 8, 1), dtype=np.uint8))
+    torch.manual_seed(0)
+    classifier = str(folder / "classifier.pt")
+    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)), classifier,
+                                      test_accuracy=0.0)
+    return ["--eval-samples", "65", "--eval-ref", ref, "--eval-features", "fmnist", "--eval-weights", classifier]
+
+
+def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch, proxy_flags):
     import evaluate
     calls = []
 
-    def fake_fid_proxy(images, ref, features, feature_dim, split, weights, device):
-        calls.append((images.shape, images.dtype, ref, features, feature_dim, split, weights))
+    def fake_proxy_distance(features, ref, extractor, split):
+        calls.append((features.shape, ref, split))
         return 10.0 * len(calls)
 
-    monkeypatch.setattr(evaluate, "fid_proxy", fake_fid_proxy)
+    monkeypatch.setattr(evaluate, "proxy_distance", fake_proxy_distance)
     run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-terms", "diffusion", "reaction", "--max-steps", "4",
-        "--eval-every", "2", "--eval-samples", "65", "--eval-ref", "ref.npz", "--eval-features", "fmnist",
-        "--eval-split", "test", "--eval-weights", "clf.pt")
-    assert calls == [((65, 8, 8, 1), np.uint8, "ref.npz", "fmnist", None, "test", "clf.pt")] * 2
+        "--eval-every", "2", *proxy_flags, "--eval-split", "test")
+    assert calls == [((65, 64), proxy_flags[3], "test")] * 2  # 65 samples' fmnist features, at steps 2 and 4
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["fid"]) for r in records if "fid" in r] == [(2, 10.0), (4, 20.0)]
     state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 4))
@@ -214,13 +228,10 @@ def test_missing_data_exits_nonzero_without_files(tmp_path):
         train.parse_args(["--dataset", "mnist"])
 
 
-def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
-    """torchrun, 2 CPU workers (gloo; GPUs hidden, as this tests a dying worker, not GPUs): rank 1 dies at
-    step 3 on the first attempt; the restart resumes from the step-2 checkpoint and finishes at step 6
-    with identical weights on both ranks."""
+def torchrun_two_cpu_workers(run_dir, *flags):
+    """train.py under torchrun with 2 workers on the CPU (gloo; GPUs hidden) and up to one restart."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "train.py", *TINY, "--dataset", "digits", "--max-steps", "6", "--ckpt-every", "2",
-           "--run-dir", str(tmp_path), "--resume", "auto", "--fail-at-step", "3"]
+           "train.py", *TINY, "--run-dir", str(run_dir), *flags]
     # torch shares the rendezvous store with restarted workers, which may then read the dead ones'
     # addresses; the opt-out gives every restart a fresh store (see train.py's docstring).
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", CUDA_VISIBLE_DEVICES="")
@@ -234,6 +245,14 @@ def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
         raise
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
 
+
+def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
+    """torchrun, 2 CPU workers (this tests a dying worker, not GPUs): rank 1 dies at step 3 on the first
+    attempt; the restart resumes from the step-2 checkpoint and finishes at step 6 with identical weights
+    on both ranks."""
+    torchrun_two_cpu_workers(tmp_path, "--dataset", "digits", "--max-steps", "6", "--ckpt-every", "2",
+                             "--resume", "auto", "--fail-at-step", "3")
+
     log = open(tmp_path / "log.txt").read()
     assert log.count("Run folder") == 2  # the first attempt and the restart
     assert "Resumed from" in log and "0000002.pt at step 2" in log
@@ -244,6 +263,19 @@ def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
     final = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6))
     model, _ = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 6), "cpu", weights="model")
     assert train.weights_digest(model) == digests[0] and final["args"]["model"] == "DiT-T/4"
+
+
+def test_torchrun_workers_share_the_fid_proxy(tmp_path, proxy_flags):
+    """2 CPU workers take the FID proxy's batches in turn and rank 0 logs the FID of them all: the same
+    as one process measures for the same EMA weights, the checkpoint's."""
+    flags = ["--dataset", "digits", "--max-steps", "2", "--ckpt-every", "2", "--eval-every", "2", *proxy_flags]
+    torchrun_two_cpu_workers(tmp_path, *flags)
+    logged, = [r["fid"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "fid" in r]
+
+    ema, _ = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 2), "cpu")
+    args = train.parse_args(TINY + flags)
+    one_process = train.fid_proxy(args, ema, None, (1, 8, 8), args.global_batch_size // 2)
+    assert logged == pytest.approx(one_process, rel=1e-4)
 
 
 def test_more_processes_per_node_than_gpus_is_refused(monkeypatch):
