@@ -340,10 +340,10 @@ def weights_fingerprint(extractor):
 
 
 @torch.no_grad()
-def extract_features(images, extractor, batch_size=100):
+def extract_features(images, extractor, batch_size=100, progress=True):
     """
     Features of uint8 images (N, H, W, C) -> {"features": (N, D), "logits": (N, classes)} as float32,
-    plus for Inception "spatial": (N, 2023), ADM's sFID features.
+    plus for Inception "spatial": (N, 2023), ADM's sFID features. progress: a progress bar.
     """
     layer, logits_layer = extractor.get_requested_features_list()
     device = next(extractor.parameters()).device
@@ -356,7 +356,7 @@ def extract_features(images, extractor, batch_size=100):
             outputs["spatial"].append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu())
         hook = extractor.Mixed_6d.branch1x1.register_forward_hook(keep_spatial)
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False):
+        for start in tqdm(range(0, len(images), batch_size), desc="features", leave=False, disable=not progress):
             x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).to(device)
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # torch-fidelity's extractors take RGB
             features = extractor.convert_features_tuple_to_dict(extractor(x))
@@ -545,16 +545,16 @@ def fid_proxy(images, ref, features="inception", feature_dim=None, split="train"
     """
     extractor = build_extractor(features, feature_dim, weights, device)
     images = check_images(np.asarray(images), "samples")
-    return proxy_distance(extract_features(images, extractor, batch_size)["features"], ref, extractor, split,
-                          batch_size)
-
-
-def proxy_distance(features, ref, extractor, split="train", batch_size=100):
-    """
-    The last step of fid_proxy, for sample features (N, D) that `extractor` measured (in parts, as
-    train.py's ranks do): their FID against the reference `ref`, whose statistics are cached.
-    """
     reference, _ = reference_statistics(ref, extractor, split, batch_size, with_features=False)
+    return proxy_distance(extract_features(images, extractor, batch_size)["features"], reference)
+
+
+def proxy_distance(features, reference):
+    """
+    The last step of fid_proxy: the FID of sample features (N, D) against `reference`, the statistics
+    (mu, sigma) of the same network's features of the reference (reference_statistics), for features
+    measured apart (as train.py's ranks measure them).
+    """
     mu, sigma = feature_statistics(features)
     return frechet_distance(mu, sigma, reference["mu"], reference["sigma"])
 

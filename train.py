@@ -295,9 +295,9 @@ def train(args, rank, world_size, device):
     classes = getattr(dataset, "classes", None)
     if args.num_classes > 0 and classes and len(classes) > args.num_classes:
         raise ValueError(f"the dataset has {len(classes)} classes but --num-classes is {args.num_classes}")
-    # The VAE encodes images on the fly, and decodes the preview grids of latent-space runs.
+    # The VAE encodes images on the fly, and decodes the preview grids and FID-proxy samples of latent-space runs.
     vae = None
-    if args.space == "latent" and (not latent_data or args.sample_every > 0):
+    if args.space == "latent" and (not latent_data or args.sample_every > 0 or args.eval_every):
         vae = checkpoint.load_vae(args.vae, args.vae_path, device).requires_grad_(False)
     in_channels = vae.config.latent_channels if args.space == "latent" and not latent_data else dataset[0][0].shape[0]
     input_size = args.image_size // 8 if args.space == "latent" else args.image_size
@@ -314,10 +314,8 @@ def train(args, rank, world_size, device):
             raise ValueError(f"--eval-samples {args.eval_samples} is too few for the {dim} features of the FID proxy "
                              f"({args.eval_features}): FID needs more samples than features; raise --eval-samples "
                              "or choose a smaller --eval-feature-dim")
-        # The reference's statistics now, on every rank at once (cached beside it): a reference or feature
-        # network that does not load fails here, and no rank measures it alone later while the others wait.
+        # Every rank measures its share of the samples with it; a feature network that does not load fails here.
         extractor = evaluate.build_extractor(args.eval_features, args.eval_feature_dim, args.eval_weights, device)
-        evaluate.reference_statistics(args.eval_ref, extractor, args.eval_split, with_features=False)
 
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.global_seed)
     steps_per_epoch = len(sampler) // local_batch
@@ -342,6 +340,12 @@ def train(args, rank, world_size, device):
     elif glob.glob(os.path.join(run_dir, "checkpoints", "*.pt")):
         raise ValueError(f"{run_dir} already holds checkpoints{' but none of them loads' if args.resume else ''}; "
                          "pass --resume auto to continue that run, or another --run-dir")
+
+    # Rank 0 measures the FID proxy's reference once, now (or reads it from its cache beside the reference), so
+    # a reference that does not load fails before the run writes anything, and no evaluation re-reads it.
+    reference = None
+    if args.eval_every and rank == 0:
+        reference, _ = evaluate.reference_statistics(args.eval_ref, extractor, args.eval_split, with_features=False)
 
     if rank == 0:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
@@ -460,7 +464,8 @@ def train(args, rank, world_size, device):
                                           seed=args.global_seed, vae=vae)
                 logger.info(f"Saved preview samples to {path}")
             if args.eval_every and step % args.eval_every == 0:
-                fid = fid_proxy(args, ema, vae, (in_channels, input_size, input_size), local_batch, rank, world_size)
+                fid = fid_proxy(args, ema, vae, (in_channels, input_size, input_size), local_batch, extractor,
+                                reference, rank, world_size)
                 if rank == 0:
                     record = dict(step=step, fid=fid, fid_samples=args.eval_samples, fid_features=args.eval_features)
                     logger.info(f"(step={step:07d}) FID proxy ({args.eval_samples} samples, {args.eval_features}): "
@@ -482,36 +487,43 @@ def train(args, rank, world_size, device):
     return run_dir
 
 
-def fid_proxy(args, ema, vae, noise_shape, batch_size, rank=0, world_size=1):
+def proxy_noise(indices, noise_shape, seed):
+    """The FID proxy's noise (len(indices), *noise_shape): each sample's from a generator of its own, seeded by
+    seed and its index, so a sample gets the same noise at every evaluation, in any batch and on any rank."""
+    generator = torch.Generator()
+    return torch.stack([torch.randn(noise_shape, generator=generator.manual_seed(seed * 2**24 + int(i)))
+                        for i in indices])
+
+
+def fid_proxy(args, ema, vae, noise_shape, batch_size, extractor, reference, rank=0, world_size=1):
     """
     The training-time FID proxy of the paper's Figure 3: --eval-samples unguided samples of the EMA model
-    (labels i % num_classes, the same noise at every evaluation) against --eval-ref, as evaluate.fid_proxy
-    measures them. The ranks take the batches of batch_size samples in turn and measure their features;
-    rank 0 gathers the features and returns the FID, the other ranks None. Every rank draws the noise of
-    every batch, so each sample's noise is the same whatever the number of ranks. A bf16 run samples with
-    its network in bf16 too.
+    (labels i % num_classes, noise from `proxy_noise`), measured by the feature network `extractor` against
+    the statistics `reference` of --eval-ref, as evaluate.fid_proxy measures them. The ranks take the
+    batches of batch_size samples in turn and measure their features; rank 0 gathers them and returns the
+    FID (the other ranks None, and only rank 0 needs `reference`). A bf16 run samples with its network in
+    bf16 too.
     """
     import evaluate  # only runs that evaluate need the feature networks
     device = next(ema.parameters()).device
     precision = sample.precision_for(args.precision)
-    extractor = evaluate.build_extractor(args.eval_features, args.eval_feature_dim, args.eval_weights, device)
-    generator = torch.Generator().manual_seed(args.global_seed)
     images = []
-    for turn, start in enumerate(range(0, args.eval_samples, batch_size)):
+    for start in range(rank * batch_size, args.eval_samples, world_size * batch_size):
         indices = torch.arange(start, min(start + batch_size, args.eval_samples))
-        z = torch.randn(len(indices), *noise_shape, generator=generator)
-        if turn % world_size == rank:
-            labels = (indices % args.num_classes).to(device) if args.num_classes > 0 else None
-            images.append(sample.to_uint8(sample.generate(ema, z.to(device), labels, vae=vae, precision=precision)))
-    features = evaluate.extract_features(np.concatenate(images), extractor)["features"] if images else None
+        z = proxy_noise(indices, noise_shape, args.global_seed).to(device)
+        labels = (indices % args.num_classes).to(device) if args.num_classes > 0 else None
+        images.append(sample.to_uint8(sample.generate(ema, z, labels, vae=vae, precision=precision)))
+    features = None
+    if images:
+        images = evaluate.check_images(np.concatenate(images), "FID-proxy samples")
+        features = evaluate.extract_features(images, extractor, progress=rank == 0)["features"]
     parts = [features]
     if world_size > 1:
         parts = [None] * world_size if rank == 0 else None
         dist.gather_object(features, parts, dst=0)
     if rank != 0:
         return None
-    return evaluate.proxy_distance(np.concatenate([part for part in parts if part is not None]), args.eval_ref,
-                                   extractor, args.eval_split)
+    return evaluate.proxy_distance(np.concatenate([part for part in parts if part is not None]), reference)
 
 
 def log_metrics(logger, metrics_path, rank, device, step, means, grad_norm_max, group_max, steps_per_sec,

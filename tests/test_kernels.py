@@ -237,17 +237,18 @@ def test_row_kernel_modes(monkeypatch, c_out, c_in, batch, parts_outer, paired, 
 @pytest.mark.skipif(not INTERPRETER, reason="checks the addresses of every load in Triton's interpreter "
                                             "(test_in_triton_interpreter)")
 @pytest.mark.parametrize("batch", [4, 8])     # the paired tile, and the two tiles of 8 entries
-def test_row_kernel_loads_stay_inside_their_tensors(monkeypatch, batch):
-    # Every address the row kernel loads from without a mask lies inside a tensor it was
-    # given. Rows of 17 columns in segments of 16 (a 9x32 grid: no segments down the last
+def test_row_kernel_loads_and_stores_stay_inside_their_tensors(monkeypatch, batch):
+    # Every address the row kernel loads from without a mask lies inside a tensor it reads,
+    # and every one it stores to inside its output. Rows of 17 columns in segments of 16 (a 9x32 grid: no segments down the last
     # column) leave each row's second segment one column, and its second half of 8 lanes
     # none: that half's loads must all be masked, or the last row's would read past the
     # spectrum, whose frequencies are its outermost axis here.
     from triton.runtime import interpreter
     builder = interpreter.interpreter_builder
-    masked_load, extents, stray = builder.create_masked_load, [], []
+    masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
+    reads, writes, stray = [], [], []
 
-    def checked_load(ptrs, mask, other, *args):
+    def check(ptrs, mask, extents):
         addresses = ptrs.data[mask.data.astype(bool)].astype("int64")
         size = ptrs.get_element_ty().primitive_bitwidth // 8
         inside = torch.zeros(addresses.shape, dtype=torch.bool)
@@ -255,19 +256,30 @@ def test_row_kernel_loads_stay_inside_their_tensors(monkeypatch, batch):
             inside |= torch.from_numpy((addresses >= start) & (addresses + size <= end))
         if not inside.all():
             stray.append(int((~inside).sum()))
+
+    def checked_load(ptrs, mask, other, *args):
+        check(ptrs, mask, reads)
         return masked_load(ptrs, mask, other, *args)
+
+    def checked_store(ptrs, value, mask, *args):
+        check(ptrs, mask, writes)
+        return masked_store(ptrs, value, mask, *args)
+
+    def extent(t):
+        return t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()
 
     kernel = sp._row_contract_kernel
 
     class Spy:
         def __getitem__(self, grid):
-            def launch(*args, **options):
-                extents[:] = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()
-                               + t.untyped_storage().nbytes()) for t in args if isinstance(t, torch.Tensor)]
-                return kernel[grid](*args, **options)
+            def launch(out, *args, **options):
+                writes[:] = [extent(out)]
+                reads[:] = [extent(t) for t in args if isinstance(t, torch.Tensor)]
+                return kernel[grid](out, *args, **options)
             return launch
 
     monkeypatch.setattr(builder, "create_masked_load", checked_load)
+    monkeypatch.setattr(builder, "create_masked_store", checked_store)
     monkeypatch.setattr(sp, "_row_contract_kernel", Spy())
     grid_size = (9, 32)
     a_re, a_im = coefficients(1, 16, 16, DEVICE)
@@ -275,7 +287,7 @@ def test_row_kernel_loads_stay_inside_their_tensors(monkeypatch, batch):
     x = torch.randn(1, phi_re.shape[0], 16, batch, 2, device=DEVICE).bfloat16()   # frequencies outermost
     sp.spectral_product(x, a_re.float(), a_im.float(), phi_re, phi_im, tiles=dict(ROW_STEPS=True, BLOCK_F=16),
                         width=17)
-    assert extents and not stray, f"{sum(stray)} loads outside the kernel's tensors"
+    assert reads and writes and not stray, f"{sum(stray)} loads or stores outside the kernel's tensors"
 
 
 @runs_here

@@ -189,14 +189,16 @@ def test_fid_proxy_records_and_pdessm_terms(tmp_path, monkeypatch, proxy_flags):
     import evaluate
     calls = []
 
-    def fake_proxy_distance(features, ref, extractor, split):
-        calls.append((features.shape, ref, split))
+    def fake_proxy_distance(features, reference):
+        calls.append((features.shape, reference["mu"].shape))
         return 10.0 * len(calls)
 
     monkeypatch.setattr(evaluate, "proxy_distance", fake_proxy_distance)
     run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-terms", "diffusion", "reaction", "--max-steps", "4",
         "--eval-every", "2", *proxy_flags, "--eval-split", "test")
-    assert calls == [((65, 64), proxy_flags[3], "test")] * 2  # 65 samples' fmnist features, at steps 2 and 4
+    # 65 samples' fmnist features against the reference's, measured once at start-up and cached beside it
+    assert calls == [((65, 64), (64,))] * 2
+    assert os.path.isfile(evaluate.stats_cache_path(proxy_flags[3], "fmnist-classifier-64"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [(r["step"], r["fid"]) for r in records if "fid" in r] == [(2, 10.0), (4, 20.0)]
     state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 4))
@@ -265,16 +267,26 @@ def test_torchrun_two_workers_survive_a_dying_worker(tmp_path):
     assert train.weights_digest(model) == digests[0] and final["args"]["model"] == "DiT-T/4"
 
 
+def test_proxy_noise_is_each_samples_own():
+    batch = train.proxy_noise(torch.arange(3, 8), (2, 3, 5), seed=7)
+    torch.testing.assert_close(train.proxy_noise(torch.tensor([5]), (2, 3, 5), seed=7)[0], batch[2], rtol=0, atol=0)
+    assert not torch.equal(batch[0], batch[1])
+    assert not torch.equal(batch, train.proxy_noise(torch.arange(3, 8), (2, 3, 5), seed=8))
+
+
 def test_torchrun_workers_share_the_fid_proxy(tmp_path, proxy_flags):
-    """2 CPU workers take the FID proxy's batches in turn and rank 0 logs the FID of them all: the same
-    as one process measures for the same EMA weights, the checkpoint's."""
+    """2 CPU workers take the FID proxy's batches (4 samples each) in turn and rank 0 logs the FID of them
+    all: the same as one process measures in batches of 8 for the same EMA weights, the checkpoint's."""
+    import evaluate
     flags = ["--dataset", "digits", "--max-steps", "2", "--ckpt-every", "2", "--eval-every", "2", *proxy_flags]
     torchrun_two_cpu_workers(tmp_path, *flags)
     logged, = [r["fid"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "fid" in r]
 
     ema, _ = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 2), "cpu")
     args = train.parse_args(TINY + flags)
-    one_process = train.fid_proxy(args, ema, None, (1, 8, 8), args.global_batch_size // 2)
+    extractor = evaluate.build_extractor("fmnist", None, args.eval_weights, "cpu")
+    reference, _ = evaluate.reference_statistics(args.eval_ref, extractor, with_features=False)
+    one_process = train.fid_proxy(args, ema, None, (1, 8, 8), args.global_batch_size, extractor, reference)
     assert logged == pytest.approx(one_process, rel=1e-4)
 
 
