@@ -191,6 +191,20 @@ def test_bf16_row_kernel_on_parts_planes_apart(batch):
     check_bf16_against_reference(1, 6, 20, (2, 22), batch, dict(ROW_STEPS=True, BLOCK_F=16), parts_outer=True)
 
 
+def spy_on_row_kernel(monkeypatch, on_launch):
+    """Have `_contract` call on_launch(args, options) before each launch of the row kernel."""
+    kernel = sp._row_contract_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **options):
+                on_launch(args, options)
+                return kernel[grid](*args, **options)
+            return launch
+
+    monkeypatch.setattr(sp, "_row_contract_kernel", Spy())
+
+
 @runs_here
 @pytest.mark.parametrize("c_out,c_in,batch,parts_outer,paired,even,copied", [
     (6, 20, 3, False, True, False, False),      # ragged rows and contracted channels
@@ -209,16 +223,7 @@ def test_row_kernel_modes(monkeypatch, c_out, c_in, batch, parts_outer, paired, 
     # loads (EVEN) where every tile is whole. The values of each mode are checked against
     # the reference above.
     launches = []
-    kernel = sp._row_contract_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **options):
-                launches.append((args, options))
-                return kernel[grid](*args, **options)
-            return launch
-
-    monkeypatch.setattr(sp, "_row_contract_kernel", Spy())
+    spy_on_row_kernel(monkeypatch, lambda args, options: launches.append((args, options)))
     a_re, a_im = coefficients(1, c_out, c_in, DEVICE)
     phi_re, phi_im = pde_ssm._frequency_features((32, 32), DEVICE, torch.float32)
     F = phi_re.shape[0]
@@ -268,19 +273,13 @@ def test_row_kernel_loads_and_stores_stay_inside_their_tensors(monkeypatch, batc
     def extent(t):
         return t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()
 
-    kernel = sp._row_contract_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(out, *args, **options):
-                writes[:] = [extent(out)]
-                reads[:] = [extent(t) for t in args if isinstance(t, torch.Tensor)]
-                return kernel[grid](out, *args, **options)
-            return launch
+    def extents(args, options):
+        writes[:] = [extent(args[0])]
+        reads[:] = [extent(t) for t in args[1:] if isinstance(t, torch.Tensor)]
 
     monkeypatch.setattr(builder, "create_masked_load", checked_load)
     monkeypatch.setattr(builder, "create_masked_store", checked_store)
-    monkeypatch.setattr(sp, "_row_contract_kernel", Spy())
+    spy_on_row_kernel(monkeypatch, extents)
     grid_size = (9, 32)
     a_re, a_im = coefficients(1, 16, 16, DEVICE)
     phi_re, phi_im = pde_ssm._frequency_features(grid_size, DEVICE, torch.float32)
