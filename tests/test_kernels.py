@@ -453,7 +453,8 @@ def test_torch_compile_fullgraph():
 
 @needs_cuda
 @pytest.mark.parametrize("c,grid_size,batch", [
-    (384, (32, 32), 64),    # 2D product tiles, 64 x 32 gradient tiles over two stages
+    (384, (32, 32), 64),    # 3D product tiles over three stages, 64 x 32 gradient tiles over two
+    (1152, (16, 16), 16),   # 3D product tiles of 16 batch columns, over three stages
     (384, (32, 32), 8),     # the row kernel's 16 columns and 16 rows of the last, 64 x 16 gradient tiles
     (1152, (16, 16), 4),    # 3D product tiles, 64 x 32 gradient tiles over three stages
     (384, (64, 64), 4),     # the row kernel's 16 columns, two segments a row
