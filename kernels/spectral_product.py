@@ -927,7 +927,8 @@ RANK1_MAX_BATCH = 4
 # from 11.5 to 6.2 ms (H100). At batch 64 (C = 384, H100, forward) the best row tiles tried
 # (4 columns of 32 rows by 64 entries on 4 warps; 8 columns, 16 or 64 rows, 1 to 4 warps were
 # slower) took 0.315 ms on 32x32 and 0.105 on 16x16, against `_contract_kernel`'s 0.330 and
-# 0.106: too little to move the bound.
+# 0.106 with its tiles then (0.259 and 0.079 with its three-stage tiles since, `_contract_tiles`):
+# too little to move the bound.
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
@@ -964,17 +965,30 @@ def _contract_tiles(B, rows, precision):
     The float32-exact modes run FMA dots, whose operands take more registers:
     64-row tiles, BLOCK_K = 16, 8 warps (about 180). At small batches 4 frequencies
     of 32 rows on 4 warps took 4.94 ms where 8 of 16 rows on 8 warps took 6.67
-    (C = 1152, batch 4, 64x64 grid). The bf16 dots keep two sums instead of three and
-    take the same tiles, but for 8 frequencies at small batches: 3.92 against 4.16 ms
-    with 4 there (4.45 in tf32); at batch 64 the tf32 tiles were the fastest of those
-    tried (0.106 ms on 16x16, 0.329 on 32x32, against 0.122 and 0.381 in tf32)."""
+    (C = 1152, batch 4, 64x64 grid).
+
+    The bf16 dots keep two sums instead of three and take 3D tiles at every batch:
+    32 rows on 4 warps for 8 frequencies up to batch 8 (3.92 against 4.16 ms with 4,
+    C = 1152, batch 4, 64x64) and 4 beyond, their loads over three stages. With the
+    tf32 tiles above, the bf16 product at batch 64 (C = 384, 16x16 grid, H100) held 2
+    programs of 4 warps a multiprocessor (registers), and each issued instruction
+    waited 6.7 cycles, 2.5 of them on loads, with L2 46% busy (Nsight Compute): four
+    frequencies now share each coefficient tile loaded, and the third stage hides
+    the loads. `_contract` alone on an H100, forward / adjoint ms, tf32 tiles (or at
+    batches up to 16 the 3D tiles over two stages) -> these:
+    C = 384, batch 64, 16x16 0.105 / 0.114 -> 0.079 / 0.091, and 32x32 0.330 / 0.338
+    -> 0.259 / 0.274; batch 128, 16x16 0.182 / 0.191 -> 0.147 / 0.163; batch 4, 16x16
+    0.074 / 0.101 -> 0.045 / 0.056; C = 1152 on 16x16: batch 32 0.614 / 0.683 -> 0.415 /
+    0.484, batch 16 0.417 / 0.484 -> 0.345 / 0.413, batch 4 0.294 / 0.359 -> 0.278 /
+    0.341. 2 or 8 frequencies, 16 or 64 rows, batch tiles of 32, BLOCK_K = 32 and four
+    stages were no better across these shapes (BLOCK_K = 32 within 5% either way)."""
     block_b = _pow2_between(B, 8, 64)
     if precision == "bf16":
         return dict(BLOCK_F=8 if block_b == 8 else 4, BLOCK_R=32, BLOCK_K=16, BLOCK_B=block_b, num_warps=4,
                     num_stages=3, maxnreg=None)
     if block_b < 32:
         return dict(BLOCK_F=4, BLOCK_R=32, BLOCK_K=16, BLOCK_B=block_b, num_warps=4, num_stages=2, maxnreg=None)
-    if precision in ("tf32", "bf16"):
+    if precision == "tf32":
         return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=32, BLOCK_B=block_b, num_warps=4,
                     num_stages=2, maxnreg=None)
     return dict(BLOCK_F=1, BLOCK_R=_pow2_between(rows, 16, 64), BLOCK_K=16, BLOCK_B=block_b, num_warps=8,
