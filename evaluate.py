@@ -422,7 +422,9 @@ def reference_fingerprint(ref):
 
 
 def read_statistics_file(path, extractor):
-    """mu, sigma (and mu_s, sigma_s, features when present) of a statistics file, checked against the extractor."""
+    """mu, sigma (and mu_s, sigma_s, features when present) of a statistics file, checked against the
+    extractor: its network and layer, and, in a file that records them (the caches this module writes),
+    the network's weights."""
     with np.load(path) as data:
         stats = {k: data[k] for k in data.files}
     layer_dim = int(extractor.get_requested_features_list()[0])
@@ -432,6 +434,12 @@ def read_statistics_file(path, extractor):
         raise ValueError(f"{path} holds statistics of {held}, but the "
                          f"samples are measured with {feature_net_name(extractor)}; choose --features/--feature-dim "
                          "to match, or pass the reference images instead")
+    if "cache_key" in stats:
+        made_with, measuring_with = str(stats["cache_key"]).split(":")[0], weights_fingerprint(extractor)
+        if made_with != measuring_with:
+            raise ValueError(f"{path} holds statistics measured with other weights of {feature_net_name(extractor)} "
+                             f"(weights {made_with}; the network here has weights {measuring_with}); pass the "
+                             "--weights they were measured with, or the reference images instead")
     return stats
 
 

@@ -247,6 +247,17 @@ def test_statistics_file_reference_gives_fid_and_nulls(tmp_path, tiny_weights):
     with pytest.raises(ValueError, match="64 features"):  # statistics of another feature layer
         evaluate.evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "stats.npz"), features="fmnist",
                           feature_dim=128, weights=tiny_weights)
+    # The cache, which records the weights it was measured with, passed as the reference itself:
+    # taken with those weights, refused with others of the same network.
+    cached = evaluate.evaluate(str(tmp_path / "samples.npz"), full["reference_statistics"], features="fmnist",
+                               weights=tiny_weights)
+    assert cached["fid"] == pytest.approx(full["fid"], rel=1e-9)
+    torch.manual_seed(1)
+    other = str(tmp_path / "other.pt")
+    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)).eval(), other)
+    with pytest.raises(ValueError, match="other weights of fmnist-classifier-64"):
+        evaluate.evaluate(str(tmp_path / "samples.npz"), full["reference_statistics"], features="fmnist",
+                          weights=other)
 
 
 def test_command_line_writes_json_and_reports_errors_without_traceback(tmp_path, tiny_weights):
