@@ -948,9 +948,10 @@ def _pow2_between(n, low, high):
 
 
 def _contract_tiles(B, rows, precision):
-    """Every symbol entry made serves all BLOCK_B batch columns, so a large batch
-    takes 2D tiles (one frequency, warpgroup MMA over BLOCK_R x BLOCK_B) and a small
-    batch takes BLOCK_F frequencies, one or two per warp (3D dots).
+    """Every symbol entry made serves all BLOCK_B batch columns, so in the float32 modes
+    a large batch takes 2D tiles (one frequency, warpgroup MMA over BLOCK_R x BLOCK_B)
+    and a small batch takes BLOCK_F frequencies, one or two per warp (3D dots); bf16
+    spectra take BLOCK_F frequencies at every batch (below).
 
     Registers per thread (ptxas for sm_90, Triton 3.6; 255 at most) bound the tiles:
     the three sums of `_complex_dots` take 3 BLOCK_F BLOCK_R BLOCK_B floats and the

@@ -165,6 +165,7 @@ def test_planar_real_input_and_output():
     (2, 6, 20, (3, 2), 20, SMALL_TILES),
     (1, 20, 6, (2, 3), 5, dict(SMALL_2D_TILES, RANK1=False, ROW_STEPS=False)),   # the gradient's exact symbol
     (1, 5, 3, (5, 3), 3, None),               # the shapes' own tiles (the gradient's row steps)
+    (1, 20, 6, (3, 4), 10, None),             # a larger batch's own tiles: 4 frequencies, ragged everywhere
     (1, 5, 3, (5, 3), 3, dict(RANK1=True)),   # rank-1 gradient updates on bf16 loads
     (2, 6, 20, (3, 10), 3, dict(ROW_STEPS=True, BLOCK_F=8)),   # the row kernel, 8 columns a segment
     (1, 6, 20, (8, 8), 3, dict(ROW_STEPS=True, BLOCK_F=4)),    # rows of 5: the last column in segments of 4 rows
