@@ -452,12 +452,13 @@ def test_torch_compile_fullgraph():
                             input_precision="ieee")
 
 
+# The coefficient gradient steps along the grid's rows in each (64 x 16 tiles over three stages).
 @needs_cuda
 @pytest.mark.parametrize("c,grid_size,batch", [
-    (384, (32, 32), 64),    # 3D product tiles over three stages, 64 x 32 gradient tiles over two
-    (1152, (16, 16), 16),   # 3D product tiles of 16 batch columns, over three stages
-    (384, (32, 32), 8),     # the row kernel's 16 columns and 16 rows of the last, 64 x 16 gradient tiles
-    (1152, (16, 16), 4),    # 3D product tiles, 64 x 32 gradient tiles over three stages
+    (384, (32, 32), 64),    # 3D product tiles of 4 frequencies and 64 batch columns, three stages
+    (1152, (16, 16), 16),   # 3D product tiles of 16 batch columns
+    (384, (32, 32), 8),     # the row kernel's 16 columns and 16 rows of the last
+    (1152, (16, 16), 4),    # 3D product tiles of 8 frequencies (a grid too narrow for the row kernel)
     (384, (64, 64), 4),     # the row kernel's 16 columns, two segments a row
 ])
 def test_bf16_model_size_on_cuda(c, grid_size, batch):
