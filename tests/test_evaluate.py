@@ -117,14 +117,18 @@ def test_inception_score_closed_forms():
 
 # ----------------------------------------------------------------------------- the pipeline
 
+def untrained_classifier(path, seed):
+    """An untrained tiny Fashion-MNIST classifier, its weights drawn with seed, saved at path (returned):
+    a deterministic small CNN feature network."""
+    torch.manual_seed(seed)
+    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)).eval(), path,
+                                      test_accuracy=0.0)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    """An untrained, seeded tiny Fashion-MNIST classifier: a deterministic small CNN feature network."""
-    torch.manual_seed(0)
-    model = fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)).eval()
-    path = str(tmp_path_factory.mktemp("fmnist") / "tiny.pt")
-    fmnist_classifier.save_classifier(model, path, test_accuracy=0.0)
-    return path
+    return untrained_classifier(str(tmp_path_factory.mktemp("fmnist") / "tiny.pt"), seed=0)
 
 
 def blobs(n, seed):
@@ -200,9 +204,7 @@ def test_reference_statistics_are_cached_once_and_reused(tmp_path, tiny_weights,
     assert os.stat(cache).st_mtime_ns == mtime
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)
     # Other weights: the cache is stale and recomputed.
-    torch.manual_seed(1)
-    other = str(tmp_path / "other.pt")
-    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)).eval(), other)
+    other = untrained_classifier(str(tmp_path / "other.pt"), seed=1)
     evaluate.evaluate(*args, features="fmnist", weights=other)
     assert calls[3:] == [120, 150]
 
@@ -252,9 +254,7 @@ def test_statistics_file_reference_gives_fid_and_nulls(tmp_path, tiny_weights):
     cached = evaluate.evaluate(str(tmp_path / "samples.npz"), full["reference_statistics"], features="fmnist",
                                weights=tiny_weights)
     assert cached["fid"] == pytest.approx(full["fid"], rel=1e-9)
-    torch.manual_seed(1)
-    other = str(tmp_path / "other.pt")
-    fmnist_classifier.save_classifier(fmnist_classifier.FashionMNISTClassifier(widths=(4, 8, 8)).eval(), other)
+    other = untrained_classifier(str(tmp_path / "other.pt"), seed=1)
     with pytest.raises(ValueError, match="other weights of fmnist-classifier-64"):
         evaluate.evaluate(str(tmp_path / "samples.npz"), full["reference_statistics"], features="fmnist",
                           weights=other)
