@@ -6,13 +6,16 @@
     python bench.py scaling    # training step and peak memory against token count
     python bench.py mixer      # the mixer alone: forward + backward over grid sizes
     python bench.py symbol     # the pairwise symbol product alone: fused kernel (tf32, bf16) vs PyTorch (GPU)
+    python bench.py kernels    # the fused pairwise kernels one launch at a time, bf16, any tiles (GPU)
 
 Every table puts side by side: attention through SDPA (flash where available),
 attention written out as softmax(QK^T)V (naive), and PDE-SSM with each coupling;
-`symbol` puts the fused Triton kernel beside the PyTorch path it replaces.
+`symbol` puts the fused Triton kernel beside the PyTorch path it replaces, and
+`kernels` times its launches one by one (for tile sweeps: --tiles).
 
 Every cell is measured in the same process: warm-up first, then the median of
-repeats, with CUDA synchronization (events) on GPU and bf16 autocast there.
+repeats, with CUDA synchronization (events) on GPU and bf16 autocast there
+(`kernels`: the median of Triton's do_bench, launch by launch).
 An out-of-memory cell is reported as OOM, not a crash. Results go to stdout as a
 Markdown table and to --out-dir as JSON and a PNG plot.
 """
@@ -475,6 +478,76 @@ def bench_symbol(args, device):
     return write_results("symbol", rows, columns, args.out_dir, device, plot)
 
 
+def bench_kernels(args, device):
+    """The fused pairwise kernels one launch at a time, as BENCHMARKS.md's kernel tables
+    time them: the product (`kernels.spectral_product._contract`), its adjoint (the
+    spectrum's gradient) and the coefficient gradient, on the planar bf16 spectrum of
+    training under bf16 autocast, at a PDESSM's initialization, each the median GPU time
+    of `triton.testing.do_bench` (which clears the L2 cache between launches) with its
+    error against the PyTorch path in float64 on the same bf16 values. --tiles overrides
+    the kernels' tiles (`spectral_product`'s tiles: each kernel takes the names it has);
+    the "symbol" column says whether the launch stepped the symbol along the grid rows
+    (the row kernels) or made it exactly at every frequency."""
+    if device.type != "cuda" or not kernels.HAS_TRITON:
+        raise SystemExit("bench.py kernels times the fused Triton kernels: it needs a CUDA device and Triton")
+    import triton
+    from kernels import spectral_product as sp
+    try:
+        sp.check_tiles(args.tiles)
+    except ValueError as error:
+        raise SystemExit(f"bench.py kernels --tiles: {error}")
+    rows = []
+    for grid in args.grids:
+        params = [p.detach() for p in PDESSM(args.dim, coupling="pairwise").to(device).pde_parameters()]
+        width, frequencies = grid // 2 + 1, grid * (grid // 2 + 1)
+        x, dy = (torch.randn(args.batch, 2, frequencies, args.dim, device=device).bfloat16() for _ in range(2))
+        a_re, a_im, phi_re, phi_im = pde_ssm._grouped_operands(*params, (grid, grid))
+        planes = sp._coefficient_planes(a_re, a_im)
+        # The (G, F, C, B, re/im) views of the planar spectra that dense_mix hands the kernels.
+        xv, dyv = (t.view(args.batch, 2, frequencies, 1, args.dim).permute(3, 2, 4, 0, 1) for t in (x, dy))
+        launches = {
+            "product": lambda: sp._contract(xv, planes, phi_re, phi_im, width, False, "bf16", args.tiles),
+            "adjoint": lambda: sp._contract(dyv, planes, phi_re, phi_im, width, True, "bf16", args.tiles),
+            "gradient": lambda: sp._grad_coefficients(xv, dyv, planes, phi_re, phi_im, width, "bf16", args.tiles)}
+        # In float64 on the same values: the product, and by autograd with dy as cotangent its adjoint
+        # applied to dy and the gradient of the coefficient planes.
+        a_re64, a_im64, phi_re64, phi_im64 = pde_ssm._grouped_operands(*[p.double() for p in params], (grid, grid))
+        y64, dx64, da_re64, da_im64 = with_gradients(
+            lambda v, re, im: pde_ssm._grouped_product(v, re, im, phi_re64, phi_im64, width),
+            (xv.double(), a_re64, a_im64), dyv.double())
+        expected = {"product": y64, "adjoint": dx64, "gradient": sp._coefficient_planes(da_re64, da_im64)}
+        for kernel, launch in launches.items():
+            ms = triton.testing.do_bench(launch, warmup=25, rep=200, return_mode="median")
+            stepped = sp._row_steps(args.batch, width, "bf16", args.tiles, gradient=kernel == "gradient")
+            error = relative_error([launch()], [expected[kernel]])
+            rows.append({"grid": f"{grid}x{grid}", "frequencies": frequencies, "kernel": kernel,
+                         "symbol": "row steps" if stepped else "exact", "ms": f"{ms:.3f}",
+                         "rel_error": f"{error:.1e}", "seconds": ms / 1e3, "error": error})
+            print(f"  {kernel:8s} grid {grid:4d}: {ms:.3f} ms", flush=True)
+
+    def plot(path):
+        plot_lines(rows, "frequencies", "kernel", path, f"fused pairwise kernels, bf16, batch {args.batch}, C = "
+                   f"{args.dim}" + (f", tiles {sp._tiles_key(args.tiles)}" if args.tiles else ""),
+                   "frequencies (grid x (grid / 2 + 1))")
+
+    columns = ["grid", "frequencies", "kernel", "symbol", "ms", "rel_error"]
+    return write_results("kernels", rows, columns, args.out_dir, device, plot)
+
+
+def parse_tiles(text):
+    """--tiles NAME=INT,NAME=INT,... -> a dict (the names are checked by the kernels' module)."""
+    tiles = {}
+    for item in filter(None, text.split(",")):
+        name, equals, value = item.partition("=")
+        try:
+            tiles[name.strip()] = int(value)
+        except ValueError:
+            equals = ""
+        if not equals or not name.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=INT; expected e.g. BLOCK_F=2,BLOCK_R=16")
+    return tiles
+
+
 def plot_lines(rows, x_key, series_key, path, title, xlabel):
     """Log-log plot of seconds against x_key, one line per series (OOM cells left out)."""
     import matplotlib
@@ -503,13 +576,14 @@ def plot_lines(rows, x_key, series_key, path, title, xlabel):
 #################################################################################
 
 BENCHMARKS = {"table5": bench_table5, "table8": bench_table8, "table9": bench_table9,
-              "scaling": bench_scaling, "mixer": bench_mixer, "symbol": bench_symbol}
+              "scaling": bench_scaling, "mixer": bench_mixer, "symbol": bench_symbol, "kernels": bench_kernels}
 
 # Per-benchmark defaults for batch size, grids and width, used where the flag is not given.
 DEFAULTS = {"table5": dict(batch=64), "table8": dict(batch=4), "table9": dict(batch=4),
             "scaling": dict(batch=4, grids=[16, 32, 64, 128, 256]),
             "mixer": dict(batch=2, grids=[16, 32, 64, 128], dim=64),
-            "symbol": dict(batch=64, grids=[16, 32, 64], dim=384)}
+            "symbol": dict(batch=64, grids=[16, 32, 64], dim=384),
+            "kernels": dict(batch=64, grids=[16, 32, 64], dim=384)}
 
 
 def main(args):
@@ -522,8 +596,8 @@ def main(args):
             setattr(args, key, value)
     if args.systems is None:
         args.systems = MIXERS if args.benchmark == "mixer" else list(SYSTEMS)
-    if args.cuda_graph and (device.type != "cuda" or args.benchmark in ("mixer", "symbol")):
-        raise SystemExit("bench.py: --cuda-graph needs a CUDA device and a model table (not mixer or symbol)")
+    if args.cuda_graph and (device.type != "cuda" or args.benchmark in ("mixer", "symbol", "kernels")):
+        raise SystemExit("bench.py: --cuda-graph needs a CUDA device and a model table (not mixer, symbol or kernels)")
     if args.transforms != "auto":
         pde_ssm.DENSE_TRANSFORMS = args.transforms != "fft"
         pde_ssm.SEPARABLE_TRANSFORMS = args.transforms == "separable"
@@ -541,10 +615,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds one cell may take (fewer repeats if slow)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 64 for table5 and symbol, 4 for table8/table9/scaling, 2 for mixer)")
+                        help="batch size (default: 64 for table5, symbol and kernels, 4 for table8/table9/scaling, 2 for "
+                             "mixer)")
     parser.add_argument("--grids", type=int, nargs="+", default=None,
-                        help="scaling, mixer and symbol: token grid sides (default 16 .. 256 for scaling, 16 .. 128 "
-                             "for mixer, 16 .. 64 for symbol)")
+                        help="scaling, mixer, symbol and kernels: token grid sides (default 16 .. 256 for scaling, 16 .. 128 "
+                             "for mixer, 16 .. 64 for symbol and kernels)")
     parser.add_argument("--size", choices=["T", "S", "B", "L", "XL"], default=None,
                         help="model size for table5/scaling (default S), table8 (default XL; its patches 8, 4, 2 "
                              "need S or larger) and table9 (default S, B, L and XL in turn; one size alone keeps a "
@@ -565,8 +640,13 @@ def parse_args(argv=None):
                         help="model tables: replay every step as one CUDA graph (train.py --cuda-graph), "
                              "which removes the kernel-launch overhead of small models")
     parser.add_argument("--dim", type=int, default=None,
-                        help="mixer and symbol: token width, channels (default 64 for mixer, 384 for symbol: DiT-S)")
+                        help="mixer, symbol and kernels: token width, channels (default 64 for mixer, 384 for symbol and "
+                             "kernels: DiT-S)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
+    parser.add_argument("--tiles", type=parse_tiles, default=None,
+                        help="kernels: tile overrides for the fused kernels, NAME=INT,... (e.g. BLOCK_F=2,BLOCK_R=16; "
+                             "the names of kernels.spectral_product.TILE_NAMES, each kernel taking its own; "
+                             "default: the tiles the kernels choose from the shapes)")
     parser.add_argument("--transforms", choices=["auto", "fft", "dense", "separable"], default="auto",
                         help="the PDE-SSM mixers' spectral transforms: auto (pde_ssm's default: dense matrix "
                              "products on CUDA, one each way on grids of at most "

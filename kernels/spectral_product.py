@@ -1226,6 +1226,20 @@ def _coefficient_planes(a_re, a_im):
     return torch.cat([a_re, a_im], dim=-1).permute(3, 0, 1, 2).contiguous()
 
 
+# The entries tiles may set (`spectral_product` says which kernel takes which).
+TILE_NAMES = ("BLOCK_F", "BLOCK_R", "BLOCK_K", "BLOCK_B", "BLOCK_O", "BLOCK_I", "SPLITS", "RANK1", "ROW_STEPS",
+              "num_warps", "num_stages", "maxnreg")
+
+
+def check_tiles(tiles):
+    """Refuse tiles whose names no kernel takes (each kernel reads only its own, so a
+    misspelt name would otherwise change nothing)."""
+    unknown = sorted(set(tiles or {}) - set(TILE_NAMES))
+    if unknown:
+        raise ValueError(f"tiles {', '.join(unknown)}: no kernel takes these; expected names among "
+                         f"{', '.join(TILE_NAMES)}")
+
+
 def _tiles_key(tiles):
     """tiles (a dict of ints and bools, or None) as the string the custom operators take;
     an entry of None keeps the default."""
@@ -1333,6 +1347,7 @@ def spectral_product(x, a_re, a_im, phi_re, phi_im, input_precision="tf32", tile
     the bf16 inputs' 4e-3 and tf32's 1e-3); tiles ROW_STEPS=1 asks for both in any
     mode, batch and width, ROW_STEPS=0 for neither.
     """
+    check_tiles(tiles)
     is_complex = x.dtype == torch.complex64
     real_view = x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 5 and x.shape[-1] == 2
     if not (is_complex or real_view) or any(t.dtype != torch.float32 for t in (a_re, a_im, phi_re, phi_im)):

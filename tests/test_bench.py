@@ -137,6 +137,35 @@ def test_symbol_benchmark_rows_and_errors_against_float64(tmp_path):
     assert all(row["seconds"] > 0 and row["peak_bytes"] > 0 for row in rows)
 
 
+def test_kernels_benchmark_needs_a_gpu_with_triton():
+    with pytest.raises(SystemExit, match="kernels times the fused Triton kernels: it needs a CUDA device and Triton"):
+        bench.main(bench.parse_args(["kernels", "--device", "cpu"]))
+
+
+def test_tiles_flag_takes_name_int_pairs(capsys):
+    assert bench.parse_args(["kernels", "--tiles", "BLOCK_F=2,BLOCK_R=16,"]).tiles == {"BLOCK_F": 2, "BLOCK_R": 16}
+    for bad in ("BLOCK_F", "BLOCK_F=two", "=4"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["kernels", "--tiles", bad])
+        assert f"{bad!r} is not NAME=INT; expected e.g. BLOCK_F=2,BLOCK_R=16" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels need a CUDA GPU")
+def test_kernels_benchmark_rows_and_errors_against_float64(tmp_path):
+    # Each launch against the float64 product, adjoint and coefficient gradient on the same bf16 values
+    # (to the symbol's rounding to bf16). At batch 4 the products step the symbol along the rows of
+    # grids of 32 and more, the gradient on every grid; ROW_STEPS=0 makes it exactly everywhere.
+    rows = run(tmp_path, "kernels", device="cuda", batch=4, dim=48, grids=[4, 32])
+    assert [(row["grid"], row["kernel"], row["symbol"]) for row in rows] == [
+        ("4x4", "product", "exact"), ("4x4", "adjoint", "exact"), ("4x4", "gradient", "row steps"),
+        ("32x32", "product", "row steps"), ("32x32", "adjoint", "row steps"), ("32x32", "gradient", "row steps")]
+    assert all(row["error"] < 1e-2 and row["seconds"] > 0 for row in rows)
+    rows = run(tmp_path, "kernels", device="cuda", batch=4, dim=48, grids=[32], tiles=dict(ROW_STEPS=0))
+    assert [row["symbol"] for row in rows] == ["exact"] * 3 and all(row["error"] < 1e-2 for row in rows)
+    with pytest.raises(SystemExit, match="--tiles: tiles BLOCK_M: no kernel takes these"):
+        run(tmp_path, "kernels", device="cuda", batch=4, dim=48, grids=[4], tiles=dict(BLOCK_M=16))
+
+
 def test_cuda_graph_needs_a_cuda_model_table():
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
         bench.main(bench.parse_args(["mixer", "--device", "cpu", "--cuda-graph"]))

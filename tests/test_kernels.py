@@ -572,6 +572,16 @@ def test_rejects_tiles_too_small_for_dots():
         sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2), tiles=dict(BLOCK_K=8))
 
 
+def test_rejects_tile_names_no_kernel_takes():
+    # A misspelt name (BLOCK_M for BLOCK_R) would otherwise be ignored by every kernel.
+    x = torch.zeros(1, 2, 3, 4, dtype=torch.complex64)
+    a_re, a_im = torch.zeros(1, 3, 3, 4), torch.zeros(1, 3, 3, 2)
+    with pytest.raises(ValueError, match=r"tiles BLOCK_M, warps: no kernel takes these; expected names among "
+                                         r"BLOCK_F, BLOCK_R"):
+        sp.spectral_product(x, a_re, a_im, torch.zeros(2, 4), torch.zeros(2, 2),
+                            tiles=dict(BLOCK_R=16, BLOCK_M=16, warps=2))
+
+
 @runs_here
 def test_pde_evolve_dispatch(monkeypatch):
     """pde_evolve takes the fused product where it applies (forced here on the CPU, where
