@@ -928,7 +928,9 @@ RANK1_MAX_BATCH = 4
 # (4 columns of 32 rows by 64 entries on 4 warps; 8 columns, 16 or 64 rows, 1 to 4 warps were
 # slower) took 0.315 ms on 32x32 and 0.105 on 16x16, against `_contract_kernel`'s 0.330 and
 # 0.106 with its tiles then (0.259 and 0.079 with its three-stage tiles since, `_contract_tiles`):
-# too little to move the bound.
+# too little to move the bound. Against the three-stage tiles (H100, forward) the row kernel still
+# wins at batch 8 (0.704 against 0.984 ms at C = 1152 on 32x32, 2.40 against 3.64 on 64x64) and
+# loses at 16 (0.785 against 0.538 at C = 384 on 64x64).
 ROW_MAX_BATCH = 8
 ROW_MIN_WIDTH = 17
 
