@@ -615,11 +615,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds one cell may take (fewer repeats if slow)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="batch size (default: 64 for table5, symbol and kernels, 4 for table8/table9/scaling, 2 for "
-                             "mixer)")
+                        help="batch size (default: 64 for table5, symbol and kernels, 4 for table8/table9/scaling, "
+                             "2 for mixer)")
     parser.add_argument("--grids", type=int, nargs="+", default=None,
-                        help="scaling, mixer, symbol and kernels: token grid sides (default 16 .. 256 for scaling, 16 .. 128 "
-                             "for mixer, 16 .. 64 for symbol and kernels)")
+                        help="scaling, mixer, symbol and kernels: token grid sides (default 16 .. 256 for scaling, "
+                             "16 .. 128 for mixer, 16 .. 64 for symbol and kernels)")
     parser.add_argument("--size", choices=["T", "S", "B", "L", "XL"], default=None,
                         help="model size for table5/scaling (default S), table8 (default XL; its patches 8, 4, 2 "
                              "need S or larger) and table9 (default S, B, L and XL in turn; one size alone keeps a "
@@ -640,8 +640,8 @@ def parse_args(argv=None):
                         help="model tables: replay every step as one CUDA graph (train.py --cuda-graph), "
                              "which removes the kernel-launch overhead of small models")
     parser.add_argument("--dim", type=int, default=None,
-                        help="mixer, symbol and kernels: token width, channels (default 64 for mixer, 384 for symbol and "
-                             "kernels: DiT-S)")
+                        help="mixer, symbol and kernels: token width, channels (default 64 for mixer, 384 for "
+                             "symbol and kernels: DiT-S)")
     parser.add_argument("--heads", type=int, default=4, help="mixer: attention heads and PDE-SSM channel groups")
     parser.add_argument("--tiles", type=parse_tiles, default=None,
                         help="kernels: tile overrides for the fused kernels, NAME=INT,... (e.g. BLOCK_F=2,BLOCK_R=16; "

@@ -64,10 +64,14 @@ def atomic_write(path, mode="wb", durable=True):
 def save_checkpoint(state, path):
     """
     Write `state` to `path` atomically (see atomic_write), durably on disk. A file already at `path`
-    (say an unreadable checkpoint that a resumed run skipped) is kept as <path>.<time>.bak, never deleted.
+    (say an unreadable checkpoint that a resumed run skipped) is kept as <path>.<time>.bak (<time>-<n>
+    for a second one within the same second), never deleted.
     """
     if os.path.exists(path):
-        backup = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}.bak"
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        backup, n = f"{path}.{stamp}.bak", 1
+        while os.path.exists(backup):
+            backup, n = f"{path}.{stamp}-{n}.bak", n + 1
         os.replace(path, backup)
         warnings.warn(f"{path} existed and was moved to {backup}")
     with atomic_write(path) as f:

@@ -1,4 +1,5 @@
 """train.py: exact resume, atomic and validated checkpoints, clear failures, and DDP with a dying worker."""
+import contextlib
 import glob
 import hashlib
 import json
@@ -108,6 +109,18 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path, npz_data, str
                       checkpoint.load_checkpoint(checkpoint.checkpoint_path(tmp_path, 6)))
     kept = glob.glob(str(tmp_path / "checkpoints" / "0000006.pt.*.bak"))
     assert len(kept) == 1 and open(kept[0], "rb").read() == good[: len(good) // 2]  # moved aside, not deleted
+
+
+def test_backups_within_one_second_keep_every_file(tmp_path, monkeypatch):
+    # Three saves to one path within the same second: the two files replaced are both kept.
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20260101-000000")
+    path = str(tmp_path / "0000003.pt")
+    for value in range(3):
+        with pytest.warns(UserWarning, match="existed and was moved to") if value else contextlib.nullcontext():
+            checkpoint.save_checkpoint({"value": value}, path)
+    kept = sorted(glob.glob(path + ".*.bak"))
+    assert [os.path.basename(p) for p in kept] == ["0000003.pt.20260101-000000-1.bak", "0000003.pt.20260101-000000.bak"]
+    assert [torch.load(p)["value"] for p in kept] == [1, 0] and torch.load(path)["value"] == 2
 
 
 def test_bad_resume_fails_and_touches_nothing(tmp_path, npz_data, straight_run):
@@ -380,6 +393,26 @@ def test_cuda_graph_needs_one_cuda_process(tmp_path, npz_data):
         with pytest.raises(ValueError, match="--cuda-graph needs one process on a CUDA device"):
             run(tmp_path, "--max-steps", "1", "--cuda-graph", data=npz_data)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused AdamW runs on CUDA only")
+@pytest.mark.parametrize("model", ["DiT-T/4", "PDESSM-DiT-T/4"])
+def test_fp16_steps_the_fused_adamw_through_the_gradient_scaler(tmp_path, npz_data, model):
+    """On CUDA AdamW is fused, and under --precision fp16 the gradient scaler unscales the gradients
+    (for the clipping) before it steps the optimizer: the run follows the fp32 run's losses to fp16's
+    rounding, every step updates the weights (no step found an overflow and was skipped), and the
+    checkpoint keeps the scaler's state."""
+    flags = ["--max-steps", "6", "--model", model, "--max-grad-norm", "0.05"]
+    fp32 = run(tmp_path / "fp32", *flags, data=npz_data)
+    fp16 = run(tmp_path / "fp16", *flags, "--precision", "fp16", data=npz_data)
+    want, got = step_losses(fp32), step_losses(fp16)
+    assert sorted(got) == list(range(1, 7))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=2e-2), f"step {s}"
+    state = checkpoint.load_checkpoint(checkpoint.checkpoint_path(fp16, 6))
+    assert state["opt"]["param_groups"][0]["fused"] is True
+    assert all(int(p["step"]) == 6 for p in state["opt"]["state"].values())
+    assert state["scaler"]["scale"] == 2.0 ** 16  # the initial scale: no overflow halved it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
