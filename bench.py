@@ -168,8 +168,6 @@ def build_system(size, patch, image_size, system, device, num_classes=10, channe
     recomputes every block's activations in the backward (train.py --grad-checkpoint)."""
     options = dict(SYSTEMS[system])
     naive, no_mixer = options.pop("naive", False), options.pop("no_mixer", False)
-    if options.get("pdessm_coupling") == "heads":
-        options["pdessm_heads"] = {"T": 4, "S": 6, "B": 12, "L": 16, "XL": 16}[size]
     model = build_model(f"DiT-{size}/{patch}", input_size=image_size, in_channels=channels,
                         num_classes=num_classes, learn_sigma=False, grad_checkpoint=grad_checkpoint,
                         **options).to(device)

@@ -192,6 +192,8 @@ class DiT(nn.Module):
     """
     Diffusion Transformer; mixer="attn" is official DiT, mixer="pdessm" replaces every block's
     self-attention by PDE-SSM and changes nothing else (paper section 4, evaluation protocol).
+    PDE-SSM's channel coupling (section 2.2) is pdessm_coupling: "pairwise" (the paper's), "diagonal",
+    or "heads", pairwise inside pdessm_heads channel groups (default: as many as attention's heads).
     """
     def __init__(
         self,
@@ -208,7 +210,7 @@ class DiT(nn.Module):
         mixer="attn",
         pdessm_coupling="pairwise",
         pdessm_hidden=None,
-        pdessm_heads=1,
+        pdessm_heads=None,
         pdessm_terms=("diffusion", "convection", "reaction"),
         grad_checkpoint=False,
     ):
@@ -239,7 +241,8 @@ class DiT(nn.Module):
         # Fixed sin-cos table for the build resolution (a frozen Parameter, as in DiT checkpoints):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], hidden_size), requires_grad=False)
 
-        pdessm_options = dict(hidden_dim=pdessm_hidden, coupling=pdessm_coupling, num_heads=pdessm_heads, terms=pdessm_terms)
+        pdessm_options = dict(hidden_dim=pdessm_hidden, coupling=pdessm_coupling, num_heads=pdessm_heads or num_heads,
+                              terms=pdessm_terms)
         self.blocks = nn.ModuleList([
             DiTBlock(hidden_size, num_heads, mlp_ratio, mixer, pdessm_options) for _ in range(depth)
         ])

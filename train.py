@@ -35,7 +35,7 @@ import datasets
 import flow
 import models
 import sample
-from pde_ssm import PDESSM, TERMS
+from pde_ssm import COUPLINGS, PDESSM, TERMS
 
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -201,14 +201,39 @@ def pick_run_dir(args):
 RESUME_FLAGS = ("image_size", "space", "dataset", "global_seed", "global_batch_size")
 
 
+def pdessm_kwargs(args):
+    """
+    The PDE-SSM flags given, as model keywords (a checkpoint records the choices made, not the defaults).
+    ValueError for PDE-SSM flags on a model without a PDE-SSM mixer, or --pdessm-heads without the heads
+    coupling.
+    """
+    kwargs = {}
+    if args.pdessm_terms is not None:
+        kwargs["pdessm_terms"] = tuple(args.pdessm_terms)
+    if args.pdessm_coupling is not None:
+        kwargs["pdessm_coupling"] = args.pdessm_coupling
+    if args.pdessm_heads is not None:
+        if args.pdessm_coupling != "heads":
+            raise ValueError(f"--pdessm-heads {args.pdessm_heads} sets the channel groups of --pdessm-coupling heads; "
+                             f"got --pdessm-coupling {args.pdessm_coupling or 'pairwise (the default)'}")
+        kwargs["pdessm_heads"] = args.pdessm_heads
+    mixer = args.mixer or ("pdessm" if args.model.startswith("PDESSM-") else "attn")
+    if kwargs and mixer != "pdessm":
+        flags = ", ".join("--" + name.replace("_", "-") for name in kwargs)
+        raise ValueError(f"{flags} {'configures' if len(kwargs) == 1 else 'configure'} PDE-SSM mixers, and {args.model}"
+                         f"{' with --mixer attn' if args.mixer else ''} has none; pass a PDESSM-DiT model or "
+                         "--mixer pdessm")
+    return kwargs
+
+
 def check_resumable(state, path, args, model_kwargs):
     """ValueError when checkpoint `state` was trained with another model or RESUME_FLAGS than the flags
     (flags that older checkpoints did not save are not compared)."""
     def model_config(kwargs, model):
-        # PDE terms given as all of them are the default, as when not given.
+        # PDE terms given as all of them are the default, as when not given; so is the pairwise coupling.
         terms = kwargs.get("pdessm_terms")
         return dict(kwargs, model=model, pdessm_terms=None if terms is None or set(terms) == set(TERMS) else
-                    tuple(sorted(terms)))
+                    tuple(sorted(terms)), pdessm_coupling=kwargs.get("pdessm_coupling", "pairwise"))
     saved = dict(model_config(state["model_kwargs"], state["args"]["model"]),
                  **{k: state["args"][k] for k in RESUME_FLAGS if k in state["args"]})
     current = dict(model_config(model_kwargs, args.model), **{k: getattr(args, k) for k in RESUME_FLAGS})
@@ -302,9 +327,9 @@ def train(args, rank, world_size, device):
     in_channels = vae.config.latent_channels if args.space == "latent" and not latent_data else dataset[0][0].shape[0]
     input_size = args.image_size // 8 if args.space == "latent" else args.image_size
     model_kwargs = dict(mixer=args.mixer, input_size=input_size, in_channels=in_channels,
-                        num_classes=args.num_classes, learn_sigma=False)
-    if args.pdessm_terms is not None:
-        model_kwargs["pdessm_terms"] = tuple(args.pdessm_terms)
+                        num_classes=args.num_classes, learn_sigma=False, **pdessm_kwargs(args))
+    with torch.device("meta"):  # options the model refuses fail here, before any file is written
+        models.build_model(args.model, **model_kwargs)
     if args.eval_every:
         import evaluate  # only runs that evaluate need the feature networks
         if args.eval_ref is None:
@@ -568,6 +593,13 @@ def parse_args(argv=None):
                         help="override the token mixer of a DiT config")
     parser.add_argument("--pdessm-terms", type=str, nargs="+", choices=["diffusion", "convection", "reaction"],
                         default=None, help="PDE terms PDE-SSM keeps (the Table 7 ablation; default: all three)")
+    parser.add_argument("--pdessm-coupling", type=str, choices=list(COUPLINGS), default=None,
+                        help="PDE-SSM's channel coupling (section 2.2): pairwise (default, the paper's: every channel "
+                             "pair its own PDE), diagonal (one scalar PDE per channel) or heads (pairwise inside "
+                             "channel groups, --pdessm-heads)")
+    parser.add_argument("--pdessm-heads", type=int, default=None,
+                        help="channel groups of --pdessm-coupling heads (default: as many as the config's "
+                             "attention heads, 6 for S)")
     parser.add_argument("--space", type=str, choices=["pixel", "latent"], default="pixel",
                         help="train on pixels, or on VAE latents (image size / 8)")
     parser.add_argument("--image-size", type=int, default=32, help="image side in pixels (the paper: 32 for CIFAR-10)")

@@ -173,6 +173,12 @@ def test_registry_names_configs_and_mixer_override():
     assert build_model("DiT-T/2", mixer="pdessm").mixer == "pdessm"
     diagonal = build_model("DiT-T/2", mixer="pdessm", pdessm_coupling="diagonal", pdessm_hidden=32)
     assert (diagonal.blocks[0].attn.coupling, diagonal.blocks[0].attn.hidden_dim) == ("diagonal", 32)
+    # The heads coupling takes as many channel groups as the config has attention heads, unless told.
+    for name, groups in (("PDESSM-DiT-S/2", 6), ("PDESSM-DiT-B/2", 12), ("PDESSM-DiT-XL/2", 16)):
+        with torch.device("meta"):
+            mixer = build_model(name, pdessm_coupling="heads").blocks[0].attn
+        assert (mixer.coupling, mixer.num_heads) == ("heads", groups)
+    assert build_model("PDESSM-DiT-T/2", pdessm_coupling="heads", pdessm_heads=2).blocks[0].attn.num_heads == 2
 
 
 #################################################################################

@@ -4,6 +4,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -156,6 +157,39 @@ def test_resume_takes_all_pde_terms_as_the_default():
         train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_terms=terms))
     with pytest.raises(ValueError, match=r"pdessm_terms: checkpoint None, flags \('diffusion',\)"):
         train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_terms=("diffusion",)))
+    # A checkpoint that does not name its coupling was pairwise.
+    train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_coupling="pairwise"))
+    with pytest.raises(ValueError, match=r"pdessm_coupling: checkpoint 'pairwise', flags 'diagonal'"):
+        train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_coupling="diagonal"))
+
+
+def test_coupling_flags_reach_the_checkpoint_and_bind_the_resume(tmp_path, npz_data):
+    # 2 channel groups of 32 in every block of the tiny model (64 channels), as the sampling scripts rebuild it.
+    run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-coupling", "heads", "--pdessm-heads", "2", "--max-steps",
+        "3", data=npz_data)
+    model, state = checkpoint.load_model(checkpoint.checkpoint_path(tmp_path, 3), "cpu")
+    mixers = [block.attn for block in model.blocks]
+    assert all((m.coupling, m.num_heads) == ("heads", 2) for m in mixers)
+    assert mixers[0].pde_parameters()[0].shape == (2, 32, 32, 2, 2)  # K of each group: 32 x 32 pairs
+    assert state["model_kwargs"]["pdessm_coupling"] == "heads" and state["model_kwargs"]["pdessm_heads"] == 2
+    with pytest.raises(ValueError, match=r"pdessm_coupling: checkpoint 'heads', flags 'pairwise'"):
+        run(tmp_path, "--model", "PDESSM-DiT-T/4", "--max-steps", "6", "--resume", "auto", data=npz_data)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "DiT-T/4", "--pdessm-coupling", "diagonal"],
+     "--pdessm-coupling configures PDE-SSM mixers, and DiT-T/4 has none; pass a PDESSM-DiT model or --mixer pdessm"),
+    (["--model", "PDESSM-DiT-T/4", "--mixer", "attn", "--pdessm-terms", "diffusion"],
+     "--pdessm-terms configures PDE-SSM mixers, and PDESSM-DiT-T/4 with --mixer attn has none"),
+    (["--model", "PDESSM-DiT-T/4", "--pdessm-heads", "2"],
+     "--pdessm-heads 2 sets the channel groups of --pdessm-coupling heads; got --pdessm-coupling pairwise"),
+    (["--model", "PDESSM-DiT-T/4", "--pdessm-coupling", "heads", "--pdessm-heads", "3"],
+     "hidden_dim 64 is not divisible by num_heads 3"),
+])
+def test_pdessm_flags_the_model_cannot_take_fail_before_any_file(tmp_path, npz_data, flags, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(tmp_path / "run", *flags, "--max-steps", "1", data=npz_data)
+    assert not (tmp_path / "run").exists()
 
 
 def test_new_runs_are_numbered_past_the_highest(tmp_path):
