@@ -170,8 +170,11 @@ class ResumableSampler(DistributedSampler):
 
 
 def run_name(args):
-    """Folder name of a run: the model with "/" -> "-" (DiT's), plus a mixer override."""
-    return args.model.replace("/", "-") + (f"-{args.mixer}" if args.mixer else "")
+    """Folder name of a run: the model with "/" -> "-" (DiT's), plus a mixer override and a PDE-SSM coupling
+    (with its groups) given by flag, so that --resume auto tells such runs of one model apart."""
+    return (args.model.replace("/", "-") + (f"-{args.mixer}" if args.mixer else "")
+            + (f"-{args.pdessm_coupling}" if args.pdessm_coupling else "")
+            + (str(args.pdessm_heads) if args.pdessm_heads else ""))
 
 
 def pick_run_dir(args):

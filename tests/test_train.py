@@ -202,6 +202,11 @@ def test_new_runs_are_numbered_past_the_highest(tmp_path):
     assert train.pick_run_dir(args) == str(tmp_path / "005-DiT-T-4")
     args.resume = str(tmp_path / "004-DiT-T-4" / "checkpoints" / "0000003.pt")
     assert train.pick_run_dir(args) == str(tmp_path / "004-DiT-T-4")
+    # Runs of one model with another coupling are named apart, so --resume auto finds each its own.
+    for flags, name in ((["--pdessm-coupling", "diagonal"], "005-PDESSM-DiT-T-4-diagonal"),
+                        (["--pdessm-coupling", "heads", "--pdessm-heads", "2"], "005-PDESSM-DiT-T-4-heads2")):
+        args = train.parse_args(TINY + ["--results-dir", str(tmp_path), "--model", "PDESSM-DiT-T/4", *flags])
+        assert train.pick_run_dir(args) == str(tmp_path / name)
 
 
 def test_atomic_writes_get_the_permissions_of_open(tmp_path):
