@@ -536,13 +536,10 @@ def parse_tiles(text):
     """--tiles NAME=INT,NAME=INT,... -> a dict (the names are checked by the kernels' module)."""
     tiles = {}
     for item in filter(None, text.split(",")):
-        name, equals, value = item.partition("=")
-        try:
-            tiles[name.strip()] = int(value)
-        except ValueError:
-            equals = ""
-        if not equals or not name.strip():
+        name, _, value = item.partition("=")
+        if not name.strip() or not value.strip().lstrip("-").isdigit():
             raise argparse.ArgumentTypeError(f"{item!r} is not NAME=INT; expected e.g. BLOCK_F=2,BLOCK_R=16")
+        tiles[name.strip()] = int(value)
     return tiles
 
 

@@ -150,7 +150,7 @@ def test_bad_resume_fails_and_touches_nothing(tmp_path, npz_data, straight_run):
     assert fingerprint(straight_run) == before
 
 
-def test_resume_takes_all_pde_terms_as_the_default():
+def test_resume_takes_the_pde_defaults_as_given():
     args = train.parse_args(TINY + ["--model", "PDESSM-DiT-T/4"])
     state = {"model_kwargs": dict(mixer=None, input_size=8), "args": vars(args)}
     for terms in (("reaction", "diffusion", "convection"), None):
