@@ -234,9 +234,11 @@ def check_resumable(state, path, args, model_kwargs):
     (flags that older checkpoints did not save are not compared)."""
     def model_config(kwargs, model):
         # PDE terms given as all of them are the default, as when not given; so is the pairwise coupling.
+        # The heads coupling's groups are compared as given (None: the config's heads).
         terms = kwargs.get("pdessm_terms")
         return dict(kwargs, model=model, pdessm_terms=None if terms is None or set(terms) == set(TERMS) else
-                    tuple(sorted(terms)), pdessm_coupling=kwargs.get("pdessm_coupling", "pairwise"))
+                    tuple(sorted(terms)), pdessm_coupling=kwargs.get("pdessm_coupling", "pairwise"),
+                    pdessm_heads=kwargs.get("pdessm_heads"))
     saved = dict(model_config(state["model_kwargs"], state["args"]["model"]),
                  **{k: state["args"][k] for k in RESUME_FLAGS if k in state["args"]})
     current = dict(model_config(model_kwargs, args.model), **{k: getattr(args, k) for k in RESUME_FLAGS})

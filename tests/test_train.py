@@ -174,6 +174,10 @@ def test_coupling_flags_reach_the_checkpoint_and_bind_the_resume(tmp_path, npz_d
     assert state["model_kwargs"]["pdessm_coupling"] == "heads" and state["model_kwargs"]["pdessm_heads"] == 2
     with pytest.raises(ValueError, match=r"pdessm_coupling: checkpoint 'heads', flags 'pairwise'"):
         run(tmp_path, "--model", "PDESSM-DiT-T/4", "--max-steps", "6", "--resume", "auto", data=npz_data)
+    # Left out, the groups would be the config's 4: refused before the weights fail to load.
+    with pytest.raises(ValueError, match=r"pdessm_heads: checkpoint 2, flags None"):
+        run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-coupling", "heads", "--max-steps", "6", "--resume",
+            "auto", data=npz_data)
 
 
 @pytest.mark.parametrize("flags,message", [
