@@ -231,7 +231,8 @@ def pdessm_kwargs(args):
 
 def check_resumable(state, path, args, model_kwargs):
     """ValueError when checkpoint `state` was trained with another model or RESUME_FLAGS than the flags
-    (flags that older checkpoints did not save are not compared)."""
+    (flags that older checkpoints did not save are not compared; a checkpoint without a coupling was
+    pairwise)."""
     def model_config(kwargs, model):
         # PDE terms given as all of them are the default, as when not given; so is the pairwise coupling.
         # The heads coupling's groups are compared as given (None: the config's heads).
