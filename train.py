@@ -232,14 +232,17 @@ def pdessm_kwargs(args):
 def check_resumable(state, path, args, model_kwargs):
     """ValueError when checkpoint `state` was trained with another model or RESUME_FLAGS than the flags
     (flags that older checkpoints did not save are not compared; a checkpoint without a coupling was
-    pairwise)."""
+    pairwise, and a heads coupling without a group count has the config's attention heads)."""
     def model_config(kwargs, model):
         # PDE terms given as all of them are the default, as when not given; so is the pairwise coupling.
-        # The heads coupling's groups are compared as given (None: the config's heads).
-        terms = kwargs.get("pdessm_terms")
+        terms, coupling, heads = kwargs.get("pdessm_terms"), kwargs.get("pdessm_coupling", "pairwise"), None
+        if coupling == "heads":
+            heads = kwargs.get("pdessm_heads")
+            if heads is None:
+                with torch.device("meta"):
+                    heads = models.build_model(model).num_heads
         return dict(kwargs, model=model, pdessm_terms=None if terms is None or set(terms) == set(TERMS) else
-                    tuple(sorted(terms)), pdessm_coupling=kwargs.get("pdessm_coupling", "pairwise"),
-                    pdessm_heads=kwargs.get("pdessm_heads"))
+                    tuple(sorted(terms)), pdessm_coupling=coupling, pdessm_heads=heads)
     saved = dict(model_config(state["model_kwargs"], state["args"]["model"]),
                  **{k: state["args"][k] for k in RESUME_FLAGS if k in state["args"]})
     current = dict(model_config(model_kwargs, args.model), **{k: getattr(args, k) for k in RESUME_FLAGS})

@@ -161,6 +161,13 @@ def test_resume_takes_the_pde_defaults_as_given():
     train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_coupling="pairwise"))
     with pytest.raises(ValueError, match=r"pdessm_coupling: checkpoint 'pairwise', flags 'diagonal'"):
         train.check_resumable(state, "x.pt", args, dict(mixer=None, input_size=8, pdessm_coupling="diagonal"))
+    # A heads checkpoint that left the groups out has DiT-T's 4 attention heads, whether given or not.
+    heads = dict(mixer=None, input_size=8, pdessm_coupling="heads")
+    state = {"model_kwargs": heads, "args": vars(args)}
+    for given in ({}, {"pdessm_heads": 4}):
+        train.check_resumable(state, "x.pt", args, dict(heads, **given))
+    with pytest.raises(ValueError, match=r"pdessm_heads: checkpoint 4, flags 2"):
+        train.check_resumable(state, "x.pt", args, dict(heads, pdessm_heads=2))
 
 
 def test_coupling_flags_reach_the_checkpoint_and_bind_the_resume(tmp_path, npz_data):
@@ -175,7 +182,7 @@ def test_coupling_flags_reach_the_checkpoint_and_bind_the_resume(tmp_path, npz_d
     with pytest.raises(ValueError, match=r"pdessm_coupling: checkpoint 'heads', flags 'pairwise'"):
         run(tmp_path, "--model", "PDESSM-DiT-T/4", "--max-steps", "6", "--resume", "auto", data=npz_data)
     # Left out, the groups would be the config's 4: refused before the weights fail to load.
-    with pytest.raises(ValueError, match=r"pdessm_heads: checkpoint 2, flags None"):
+    with pytest.raises(ValueError, match=r"pdessm_heads: checkpoint 2, flags 4"):
         run(tmp_path, "--model", "PDESSM-DiT-T/4", "--pdessm-coupling", "heads", "--max-steps", "6", "--resume",
             "auto", data=npz_data)
 
