@@ -46,7 +46,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchvision.utils import make_grid
 
 import checkpoint
@@ -119,16 +118,12 @@ def main(args):
     torch.backends.cudnn.allow_tf32 = True
     rank, _, device = train.setup_distributed()
     try:
-        if rank == 0:
-            prepare(args, out_dir, device)
-        barrier()
+        train.on_rank_zero(rank, lambda: prepare(args, out_dir, device))
         run_legs = [] if args.report_only else (args.legs or list(legs))
         for leg in run_legs:
             run_leg(args, leg, out_dir, rank, device)
-        if rank == 0:
-            report = write_table1 if args.table == "table1" else write_table7
-            report(args, out_dir, device)
-        barrier()
+        report = write_table1 if args.table == "table1" else write_table7
+        train.on_rank_zero(rank, lambda: report(args, out_dir, device))
     finally:
         train.cleanup_distributed()
 
@@ -233,14 +228,15 @@ def run_leg(args, leg, out_dir, rank, device):
         raise ValueError(f"{run_dir} has no checkpoint at step {args.max_steps} (it was trained past it, or "
                          "stopped by --epochs); pass the --max-steps of its newest checkpoint, or another --results-dir")
     npz = sample_ddp.main(sample_ddp.parse_args(sample_flags(args, ckpt, run_dir)))
-    if rank == 0:
+
+    def evaluate_leg():
         metrics = (evaluate_table1_leg if args.table == "table1" else evaluate_table7_leg)(args, ckpt, npz, device)
         write_json(result_path, {"leg": leg, "config": config, "checkpoint": ckpt, "samples": npz,
                                  "training": training_summary(run_dir), **metrics})
         print(f"[{args.table}] {leg}: trained {config['model']} for {args.max_steps} steps in {run_dir}/ "
               f"(checkpoints/, metrics.jsonl, log.txt), sampled {args.num_samples} images to {npz}, "
               f"wrote its metrics to {result_path}")
-    barrier()
+    train.on_rank_zero(rank, evaluate_leg)
 
 
 def check_recipe(run_dir, train_args):
@@ -544,11 +540,6 @@ def fmt(value, spec, missing="n/a"):
 #################################################################################
 #                                     Files                                     #
 #################################################################################
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
 
 def read_json(path):
     if not os.path.isfile(path):

@@ -12,6 +12,7 @@ TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun: by default it hands its rende
 dead workers' addresses still in it, to the restarted ones, which may then fail to connect.
 """
 import argparse
+import datetime
 import glob
 import hashlib
 import itertools
@@ -131,6 +132,22 @@ def process_device(local_rank, local_world_size):
                          f"CUDA device(s) and each process needs its own: lower --nproc_per_node to at most {gpus}, "
                          f"or hide the GPUs with CUDA_VISIBLE_DEVICES= to run every process on the CPU (gloo)")
     return torch.device("cuda", local_rank)
+
+
+def on_rank_zero(rank, work):
+    """
+    work() on rank 0 while the other ranks wait for it, however long it takes: its result on rank 0, None on
+    the others. They wait at a barrier of a gloo group with a deadline of a day rather than at an NCCL one,
+    which gives up after PyTorch's 10 minutes: measuring a large image reference or training reproduce.py's
+    classifier on one GPU can take longer.
+    """
+    if not dist.is_initialized():
+        return work()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+    result = work() if rank == 0 else None
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
+    return result
 
 
 def cleanup_distributed(joined_before=False):
@@ -378,8 +395,9 @@ def train(args, rank, world_size, device):
     # Rank 0 measures the FID proxy's reference once, now (or reads it from its cache beside the reference), so
     # a reference that does not load fails before the run writes anything, and no evaluation re-reads it.
     reference = None
-    if args.eval_every and rank == 0:
-        reference, _ = evaluate.reference_statistics(args.eval_ref, extractor, args.eval_split, with_features=False)
+    if args.eval_every:
+        reference = on_rank_zero(rank, lambda: evaluate.reference_statistics(
+            args.eval_ref, extractor, args.eval_split, with_features=False)[0])
 
     if rank == 0:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)

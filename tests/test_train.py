@@ -353,6 +353,37 @@ def test_torchrun_workers_share_the_fid_proxy(tmp_path, proxy_flags):
     assert logged == pytest.approx(one_process, rel=1e-4)
 
 
+def rank_zero_work_outlasting_the_deadline(rank, folder):
+    """One of 2 gloo processes whose default group gives up after 2 s: rank 0 works 4 s in on_rank_zero, then
+    4 s before a plain barrier. Writes (on_rank_zero's result, how the plain barrier ended) to <rank>.json."""
+    import datetime
+    import time
+    import torch.distributed as dist
+    open(os.path.join(folder, f"ready{rank}"), "w").close()  # start the 2 s deadlines together
+    while not os.path.exists(os.path.join(folder, f"ready{1 - rank}")):
+        time.sleep(0.01)
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store"), rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=2))
+    result = train.on_rank_zero(rank, lambda: time.sleep(4) or "measured")
+    try:
+        if rank == 0:
+            time.sleep(4)
+        dist.barrier()
+        plain = "passed"
+    except RuntimeError:
+        plain = "timed out"
+    with open(os.path.join(folder, f"{rank}.json"), "w") as f:
+        json.dump([result, plain], f)
+
+
+def test_ranks_wait_for_rank_zero_past_the_default_groups_deadline(tmp_path):
+    """While rank 0 works longer than the process group's deadline (NCCL's 10 minutes, 2 s here), the others
+    wait in on_rank_zero and go on with it; at the default group's barrier they give up."""
+    torch.multiprocessing.spawn(rank_zero_work_outlasting_the_deadline, args=(str(tmp_path),), nprocs=2)
+    results = [json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1)]
+    assert results[0][0] == "measured" and results[1] == [None, "timed out"]
+
+
 def test_more_processes_per_node_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
