@@ -137,16 +137,27 @@ def process_device(local_rank, local_world_size):
 def on_rank_zero(rank, work):
     """
     work() on rank 0 while the other ranks wait for it, however long it takes: its result on rank 0, None on
-    the others. They wait at a barrier of a gloo group with a deadline of a day rather than at an NCCL one,
-    which gives up after PyTorch's 10 minutes: measuring a large image reference or training reproduce.py's
-    classifier on one GPU can take longer.
+    the others. They wait on a gloo group with a deadline of a day rather than on an NCCL collective, which
+    gives up after PyTorch's 10 minutes: measuring a large image reference or training reproduce.py's
+    classifier on one GPU can take longer. When work() raises, rank 0 raises it and the others a
+    RuntimeError that names it, so no rank waits on.
     """
     if not dist.is_initialized():
         return work()
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-    result = work() if rank == 0 else None
-    dist.barrier(group=group)
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+    failure = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(failure, src=0, group=group)  # the others wait here for rank 0's outcome
     dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 failed while the other ranks waited for it: {failure[0]}")
     return result
 
 

@@ -354,8 +354,9 @@ def test_torchrun_workers_share_the_fid_proxy(tmp_path, proxy_flags):
 
 
 def rank_zero_work_outlasting_the_deadline(rank, folder):
-    """One of 2 gloo processes whose default group gives up after 2 s: rank 0 works 4 s in on_rank_zero, then
-    4 s before a plain barrier. Writes (on_rank_zero's result, how the plain barrier ended) to <rank>.json."""
+    """One of 2 gloo processes whose default group gives up after 2 s: rank 0 works 4 s in on_rank_zero, fails
+    in it, then works 4 s before a plain barrier. Writes (on_rank_zero's result, the failure each rank saw,
+    how the plain barrier ended) to <rank>.json."""
     import datetime
     import time
     import torch.distributed as dist
@@ -365,6 +366,14 @@ def rank_zero_work_outlasting_the_deadline(rank, folder):
     dist.init_process_group("gloo", init_method="file://" + os.path.join(folder, "store"), rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=2))
     result = train.on_rank_zero(rank, lambda: time.sleep(4) or "measured")
+
+    def fail():
+        raise FileNotFoundError("reference ref.npz not found")
+    try:
+        train.on_rank_zero(rank, fail)
+        failure = None
+    except Exception as e:
+        failure = f"{type(e).__name__}: {e}"
     try:
         if rank == 0:
             time.sleep(4)
@@ -373,15 +382,18 @@ def rank_zero_work_outlasting_the_deadline(rank, folder):
     except RuntimeError:
         plain = "timed out"
     with open(os.path.join(folder, f"{rank}.json"), "w") as f:
-        json.dump([result, plain], f)
+        json.dump([result, failure, plain], f)
 
 
 def test_ranks_wait_for_rank_zero_past_the_default_groups_deadline(tmp_path):
     """While rank 0 works longer than the process group's deadline (NCCL's 10 minutes, 2 s here), the others
-    wait in on_rank_zero and go on with it; at the default group's barrier they give up."""
+    wait in on_rank_zero and go on with it, or fail with it; at the default group's barrier they give up."""
     torch.multiprocessing.spawn(rank_zero_work_outlasting_the_deadline, args=(str(tmp_path),), nprocs=2)
     results = [json.load(open(tmp_path / f"{rank}.json")) for rank in (0, 1)]
-    assert results[0][0] == "measured" and results[1] == [None, "timed out"]
+    missing = "FileNotFoundError: reference ref.npz not found"
+    assert results[0][:2] == ["measured", missing]
+    assert results[1] == [None, f"RuntimeError: rank 0 failed while the other ranks waited for it: {missing}",
+                          "timed out"]
 
 
 def test_more_processes_per_node_than_gpus_is_refused(monkeypatch):
