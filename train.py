@@ -138,8 +138,8 @@ def on_rank_zero(rank, work):
     """
     work() on rank 0 while the other ranks wait for it, however long it takes: its result on rank 0, None on
     the others. They wait on a gloo group with a deadline of a day rather than on an NCCL collective, which
-    gives up after PyTorch's 10 minutes: measuring a large image reference or training reproduce.py's
-    classifier on one GPU can take longer. When work() raises, rank 0 raises it and the others a
+    gives up after PyTorch's 10 minutes: measuring a large image reference, training reproduce.py's
+    classifier on one GPU or writing a large checkpoint to a slow disk can take longer. When work() raises, rank 0 raises it and the others a
     RuntimeError that names it, so no rank waits on.
     """
     if not dist.is_initialized():
@@ -448,15 +448,14 @@ def train(args, rank, world_size, device):
     amp_dtype = AMP_DTYPES[args.precision]
 
     def save(step):
-        if rank == 0:
+        def write():  # rank 0 writes; a slow disk or a failed write holds or stops every rank
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                      "args": vars(args), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                      "model_kwargs": model_kwargs, "scaler": scaler.state_dict() if scaler.is_enabled() else None}
             path = checkpoint.checkpoint_path(run_dir, step)
             checkpoint.save_checkpoint(state, path)
             logger.info(f"Saved checkpoint to {path}")
-        if dist.is_initialized():
-            dist.barrier()
+        on_rank_zero(rank, write)
 
     groups = gradient_groups(model)
 
