@@ -4,9 +4,9 @@ Sample many images from a train.py checkpoint in parallel, for FID and the other
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt results/000-PDESSM-DiT-S-2/checkpoints/0400000.pt
 
 Sample i gets class label i % num_classes and noise seeded by (--global-seed, i), so the set does not
-depend on the number of processes. Batches are fixed blocks of indices, dealt round-robin to the
-ranks; a block whose PNGs all exist is skipped, so an interrupted run resumes where it stopped and
-produces exactly what one uninterrupted run would. Writes <sample-dir>/<name>/<index:06d>.png and
+depend on the number of processes. Batches are fixed blocks of indices; the blocks that still lack a
+PNG are dealt round-robin to the ranks, so an interrupted run resumes where it stopped, with its ranks
+sharing what is left evenly, and produces exactly what one uninterrupted run would. Writes <sample-dir>/<name>/<index:06d>.png and
 <sample-dir>/<name>.npz with "arr_0" uint8 (N, H, W, C) (ADM's format) and, for a class-conditional
 model, the labels int64 (N,) as "arr_1" and "labels". <name>/sampling.json records the checkpoint
 (step and training flags) and VAE folder the images come from; a folder that records another model
@@ -50,6 +50,14 @@ def load_png(path):
     return array[..., None] if array.ndim == 2 else array
 
 
+def unfinished_blocks(folder, num_samples, block_size):
+    """The blocks of block_size consecutive sample indices (the last one shorter where block_size does not
+    divide num_samples) with a PNG missing from folder, in order, and the number of PNGs present."""
+    present = [os.path.isfile(png_path(folder, i)) for i in range(num_samples)]
+    blocks = [range(s, min(s + block_size, num_samples)) for s in range(0, num_samples, block_size)]
+    return [block for block in blocks if not all(present[i] for i in block)], sum(present)
+
+
 # A sample folder's record of what its images come from beyond its name: the checkpoint's step and
 # training flags, and the VAE folder that decodes them.
 RECORD = "sampling.json"
@@ -86,22 +94,19 @@ def main(args):
         name = (f"{run}-{state['step']:07d}-{args.sampler}-{args.num_sampling_steps}-cfg-{args.cfg_scale:g}"
                 f"-seed-{args.global_seed}" + ("" if args.precision == "fp32" else f"-{args.precision}"))
         folder = os.path.join(args.sample_dir, name)
-        # Every rank checks the folder's record before rank 0 may write it, so a mismatch stops them all.
+        # Every rank checks the folder's record before rank 0 may write it, so a mismatch stops them all, and
+        # takes its share of the unfinished blocks before any rank writes a PNG, so all deal the same blocks.
         record = check_sample_record(folder, args, state)
+        todo, existing = unfinished_blocks(folder, args.num_samples, args.per_proc_batch_size)
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
-            existing = sum(os.path.isfile(png_path(folder, i)) for i in range(args.num_samples))
             with atomic_write(os.path.join(folder, RECORD), "w", durable=False) as f:
                 json.dump(record, f, indent=1)
         if dist.is_initialized():
             dist.barrier()
 
-        blocks = [range(s, min(s + args.per_proc_batch_size, args.num_samples))
-                  for s in range(0, args.num_samples, args.per_proc_batch_size)][rank::world_size]
-        for block in tqdm(blocks, desc=f"sampling {name}", disable=rank != 0, dynamic_ncols=True):
+        for block in tqdm(todo[rank::world_size], desc=f"sampling {name}", disable=rank != 0, dynamic_ncols=True):
             missing = [i for i in block if not os.path.isfile(png_path(folder, i))]
-            if not missing:
-                continue
             labels = torch.tensor([i % num_classes for i in block], device=device) if num_classes else None
             z = sample_noise(args.global_seed, block, noise_shape).to(device)
             images = sample.to_uint8(sample.generate(model, z, labels, args.cfg_scale, args.sampler,

@@ -13,6 +13,7 @@ import checkpoint
 import extract_features
 import sample
 import sample_ddp
+from test_train import two_cpu_workers
 import train
 
 TINY = ["--image-size", "8", "--global-batch-size", "8", "--num-workers", "0", "--log-every", "1",
@@ -114,6 +115,36 @@ def test_sample_ddp_writes_npz_and_resumes(tmp_path, ckpt):
         assert (os.stat(os.path.join(folder, name)).st_mtime == old) == (i not in (5, 9))
     with np.load(npz) as f:
         np.testing.assert_array_equal(f["arr_0"], images)  # the redone samples are the same as before
+
+
+def test_a_resumed_run_deals_out_only_the_unfinished_blocks(tmp_path):
+    # 8 samples in blocks of 2, first dealt to 2 ranks as [0, 1], [4, 5] to rank 0 and [2, 3], [6, 7] to
+    # rank 1; rank 1 stopped after writing 3. Rank 1's two unfinished blocks are now one for each rank.
+    for i in (0, 1, 3, 4, 5):
+        Image.new("L", (2, 2)).save(tmp_path / f"{i:06d}.png")
+    todo, existing = sample_ddp.unfinished_blocks(str(tmp_path), 8, 2)
+    assert todo == [range(2, 4), range(6, 8)] and existing == 5
+    assert [todo[rank::2] for rank in (0, 1)] == [[range(2, 4)], [range(6, 8)]]
+    # A new folder: every block, the last one shorter.
+    assert sample_ddp.unfinished_blocks(str(tmp_path / "new"), 9, 4) == ([range(0, 4), range(4, 8), range(8, 9)], 0)
+
+
+def test_two_workers_sample_and_resume_as_one_process(tmp_path, ckpt):
+    """2 CPU workers under torchrun write the samples one process writes; after the loss of a block and a
+    half (a worker's), they redo those and keep the rest."""
+    flags = ["--ckpt", ckpt, "--num-samples", "8", "--per-proc-batch-size", "2", "--num-sampling-steps", "2",
+             "--sampler", "euler"]
+    one = sample_ddp.main(sample_ddp.parse_args(flags + ["--sample-dir", str(tmp_path / "one")]))
+    two_cpu_workers("sample_ddp.py", *flags, "--sample-dir", str(tmp_path / "two"))
+    two = str(tmp_path / "two" / os.path.basename(one))
+    folder = two[:-len(".npz")]
+    for i in (2, 6, 7):
+        os.remove(os.path.join(folder, f"{i:06d}.png"))
+    os.remove(two)
+    two_cpu_workers("sample_ddp.py", *flags, "--sample-dir", str(tmp_path / "two"))
+    with np.load(one) as a, np.load(two) as b:
+        for key in ("arr_0", "labels"):
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_sample_ddp_refuses_a_folder_of_another_model(tmp_path, ckpt):

@@ -295,8 +295,13 @@ def test_missing_data_exits_nonzero_without_files(tmp_path):
 
 def torchrun_two_cpu_workers(run_dir, *flags):
     """train.py under torchrun with 2 workers on the CPU (gloo; GPUs hidden) and up to one restart."""
+    two_cpu_workers("train.py", *TINY, "--run-dir", str(run_dir), *flags)
+
+
+def two_cpu_workers(script, *flags):
+    """A script of this repository under torchrun with 2 workers on the CPU and up to one restart."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "train.py", *TINY, "--run-dir", str(run_dir), *flags]
+           script, *flags]
     # torch shares the rendezvous store with restarted workers, which may then read the dead ones'
     # addresses; the opt-out gives every restart a fresh store (see train.py's docstring).
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", CUDA_VISIBLE_DEVICES="")
