@@ -6,11 +6,11 @@ Sample many images from a train.py checkpoint in parallel, for FID and the other
 Sample i gets class label i % num_classes and noise seeded by (--global-seed, i), so the set does not
 depend on the number of processes. Batches are fixed blocks of indices; the blocks that still lack a
 PNG are dealt round-robin to the ranks, so an interrupted run resumes where it stopped, with its ranks
-sharing what is left evenly, and produces exactly what one uninterrupted run would. Writes <sample-dir>/<name>/<index:06d>.png and
-<sample-dir>/<name>.npz with "arr_0" uint8 (N, H, W, C) (ADM's format) and, for a class-conditional
-model, the labels int64 (N,) as "arr_1" and "labels". <name>/sampling.json records the checkpoint
-(step and training flags) and VAE folder the images come from; a folder that records another model
-is refused rather than mixed into.
+sharing what is left evenly, and produces exactly what one uninterrupted run would. Writes
+<sample-dir>/<name>/<index:06d>.png and <sample-dir>/<name>.npz with "arr_0" uint8 (N, H, W, C) (ADM's
+format) and, for a class-conditional model, the labels int64 (N,) as "arr_1" and "labels".
+<name>/sampling.json records the checkpoint (step and training flags) and VAE folder the images come
+from; a folder that records another model is refused rather than mixed into.
 """
 import argparse
 import json

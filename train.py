@@ -139,8 +139,8 @@ def on_rank_zero(rank, work):
     work() on rank 0 while the other ranks wait for it, however long it takes: its result on rank 0, None on
     the others. They wait on a gloo group with a deadline of a day rather than on an NCCL collective, which
     gives up after PyTorch's 10 minutes: measuring a large image reference, training reproduce.py's
-    classifier on one GPU or writing a large checkpoint to a slow disk can take longer. When work() raises, rank 0 raises it and the others a
-    RuntimeError that names it, so no rank waits on.
+    classifier on one GPU or writing a large checkpoint to a slow disk can take longer. When work() raises,
+    rank 0 raises it and the others a RuntimeError that names it, so no rank waits on.
     """
     if not dist.is_initialized():
         return work()
