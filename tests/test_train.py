@@ -1,5 +1,6 @@
 """train.py: exact resume, atomic and validated checkpoints, clear failures, and DDP with a dying worker."""
 import contextlib
+import datetime
 import glob
 import hashlib
 import json
@@ -9,10 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import checkpoint
 import models
@@ -362,9 +365,6 @@ def rank_zero_work_outlasting_the_deadline(rank, folder):
     """One of 2 gloo processes whose default group gives up after 2 s: rank 0 works 4 s in on_rank_zero, fails
     in it, then works 4 s before a plain barrier. Writes (on_rank_zero's result, the failure each rank saw,
     how the plain barrier ended) to <rank>.json."""
-    import datetime
-    import time
-    import torch.distributed as dist
     open(os.path.join(folder, f"ready{rank}"), "w").close()  # start the 2 s deadlines together
     while not os.path.exists(os.path.join(folder, f"ready{1 - rank}")):
         time.sleep(0.01)
